@@ -1,0 +1,3 @@
+from brics_cli.cli import main
+
+main()

@@ -1,0 +1,64 @@
+"""The `brics` command line: every subcommand is wired here, one module each.
+
+Subcommand modules import torch inside their command bodies, so `brics --help` stays instant.
+Errors meant for the user (`BricsError`) print one line and exit 1 (runtime) or 2 (usage/config);
+`BRICS_DEBUG=1` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from brics_cli import __version__
+from brics_cli.cli import info, plugins
+from brics_cli.errors import BricsError
+
+app = typer.Typer(
+    name="brics",
+    help="BRICS: bi-level feature representation of image collections -- from raw images to samples "
+    "and the paper's tables. Run `brics COMMAND --help` for details.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"brics {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """BRICS toolkit."""
+
+
+app.command("info")(info.info)
+app.add_typer(plugins.app, name="plugins")
+
+
+def main() -> None:
+    try:
+        app()
+    except BricsError as exc:
+        if os.environ.get("BRICS_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # a bug, not user input: still one line unless debugging
+        if os.environ.get("BRICS_DEBUG"):
+            raise
+        print(f"error: internal error: {type(exc).__name__}: {exc} (rerun with BRICS_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,39 @@
+"""A recipe: the whole pipeline for one dataset in one YAML file (DESIGN.md section 1).
+
+Sections: `data` (brics_cli/data/config.py), `run` (below), `ae` (the autoencoder model of
+brics_cli/models/autoencoder.py plus its loss and optimiser). Later stages add their own sections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from brics_cli.config import load_config
+from brics_cli.data.config import DataConfig
+from brics_cli.models.autoencoder import AutoencoderConfig
+from brics_cli.train.losses import AELossConfig
+from brics_cli.train.optim import AEOptimConfig
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/demo"  # where ae/, codes/ and diffusion/ go
+
+
+@dataclass
+class AEStageConfig(AutoencoderConfig):
+    loss: AELossConfig = field(default_factory=AELossConfig)
+    optim: AEOptimConfig = field(default_factory=AEOptimConfig)
+
+
+@dataclass
+class Recipe:
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    ae: AEStageConfig = field(default_factory=AEStageConfig)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file with `section.key=value` overrides; strict about keys and types."""
+    return load_config(Recipe, path, overrides)

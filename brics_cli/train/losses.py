@@ -1,0 +1,51 @@
+"""Autoencoder losses (paper Eq. 5, Suppl. A.3-A.4; REFERENCES sections 3 and 8).
+
+L_total = w_l2 * L2 + w_percep * L_percep + L_WGAN + w_gp * L_gp (+ w_kl * KL for the `kl`
+bottleneck), with w_l2 = 20, w_percep = 5, w_gp = 4, w_kl = 1e-6 in the paper. The WGAN-GP terms
+follow Gulrajani et al. 2017.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class AELossConfig:
+    l2: float = 20.0  # weight of the mean squared error
+    perceptual: float = 5.0  # weight of the perceptual term
+    perceptual_type: Literal["lpips-vgg", "vgg-l1", "none"] = "lpips-vgg"  # paper | authors' code | off
+    gan: Literal["wgan-gp", "logistic-r1", "none"] = "wgan-gp"  # paper | authors' code | off
+    gp: float = 4.0  # gradient-penalty weight (R1 gamma for logistic-r1)
+    gan_start: int = 0  # step at which the adversarial terms switch on
+    kl: float = 1e-6  # KL weight, used by the `kl` bottleneck only (Suppl. A.4)
+
+    def validate(self) -> None:
+        for name in ("l2", "perceptual", "gp", "kl"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ae.loss.{name} must be >= 0, got {getattr(self, name)}")
+        if self.gan_start < 0:
+            raise ValueError(f"ae.loss.gan_start must be >= 0, got {self.gan_start}")
+
+
+def wgan_generator_loss(fake_scores: Tensor) -> Tensor:
+    """L_G = -E[D(fake)]."""
+    return -fake_scores.mean()
+
+
+def wgan_discriminator_loss(real_scores: Tensor, fake_scores: Tensor) -> Tensor:
+    """L_D (without the penalty) = E[D(fake)] - E[D(real)]."""
+    return fake_scores.mean() - real_scores.mean()
+
+
+def gradient_penalty(discriminator: Callable[[Tensor], Tensor], real: Tensor, fake: Tensor) -> Tensor:
+    """E[(||grad_x D(x_hat)||_2 - 1)^2], x_hat = a real + (1 - a) fake, a ~ U(0,1) per sample."""
+    a = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
+    x_hat = (a * real.detach() + (1 - a) * fake.detach()).requires_grad_(True)
+    scores = discriminator(x_hat)
+    (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
+    return (grad.flatten(1).norm(dim=1) - 1).square().mean()
