@@ -70,12 +70,13 @@ def test_codes_lie_in_unit_interval():
 
 
 def _captured_queries(ae, z):
+    """The Eq. 1 queries the retrieval module builds from the (noised) tiled codes it receives."""
     seen = []
     handle = ae.retrieval.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
     with torch.no_grad():
         ae.features(z)
     handle.remove()
-    return seen[0]
+    return key_queries(seen[0], ae.cfg.code.key_channels)
 
 
 def test_relaxed_precision_noise_std_in_train_mode_and_zero_in_eval():

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from brics_cli.models.discriminator import DiscriminatorConfig
 from brics_cli.models.encoder import Encoder, EncoderConfig
 from brics_cli.models.grid import GridConfig
-from brics_cli.models.keycode import key_queries, relaxed_precision_noise, tile_key_codes
+from brics_cli.models.keycode import relaxed_precision_noise, tile_key_codes
 from brics_cli.models.retrieval import FeatureRetrieval, MLPConfig
 from brics_cli.registry import DECODERS
 
@@ -130,8 +130,7 @@ class BRICSAutoencoder(nn.Module):
         z_hat = tile_key_codes(z, (H_d, H_d), self.cfg.code.tiling)
         if self.training and self.cfg.code.bottleneck == "relaxed":
             z_hat = relaxed_precision_noise(z_hat, self.cfg.r_max)  # Sec. 3.4, AE training only
-        q = key_queries(z_hat, self.cfg.code.key_channels)
-        return self.retrieval(q, (H_d, H_d))
+        return self.retrieval(z_hat)  # Eq. 1-2: queries [z_hat^s; x; y] -> f
 
     def decode(self, z: Tensor) -> Tensor:
         return self.decoder(self.features(z))

@@ -46,6 +46,10 @@ class GridConfig:
     position: Literal["paper", "ngp"] = "paper"
     round_entries: int = 8  # entries per dense level rounded up to a multiple of this (tiny-cuda-nn)
     init_scale: float = 1e-4  # entries ~ U(-init_scale, init_scale) (Instant-NGP)
+    # How the d-linear interpolation runs (same result): `gather` the 2^d corners of every query, or
+    # `separable` (models/separable.py: interpolate x, y once per pixel with matrix products, then
+    # gather the key corners); `auto` picks the cheaper for the batch at hand.
+    interpolation: Literal["auto", "gather", "separable"] = "auto"
 
     def validate(self) -> None:
         if self.levels < 1:

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from brics_cli.models.grid import GridConfig, MultiResolutionGrids
+from brics_cli.models.keycode import key_queries
+from brics_cli.models.separable import PixelGridInterpolate, prefer_separable
 
 
 @dataclass
@@ -80,19 +82,35 @@ class GroupedMLP(nn.Module):
 
 
 class FeatureRetrieval(nn.Module):
-    """Queries (N_h, B * H_d * W_d, C_key + 2) -> feature block f (B, C_d, H_d, W_d)."""
+    """Tiled key codes z_hat (B, C_z, H_d, W_d) -> feature block f (B, C_d, H_d, W_d)."""
 
     def __init__(self, grid: GridConfig, mlp: MLPConfig, groups: int, key_channels: int, r_max: float, channels: int):
         super().__init__()
         if channels % groups:
             raise ValueError(f"feature channels C_d = {channels} must be divisible by N_h = {groups} groups")
         self.groups = groups
+        self.key_channels = key_channels
+        self.interpolation = grid.interpolation
         self.grids = MultiResolutionGrids(grid, groups, key_channels + 2, r_max)
         self.mlp = GroupedMLP(mlp, groups, self.grids.out_features, channels // groups)
 
-    def forward(self, q: Tensor, size: tuple[int, int]) -> Tensor:
-        H, W = size
-        B = q.shape[1] // (H * W)
-        raw = self.grids(q)  # (N_h, B*H*W, N_r*C_v)
-        f = self.mlp(raw, B)  # (N_h, B*H*W, C_d/N_h)
+    def use_separable(self, batch: int, size: tuple[int, int]) -> bool:
+        if self.interpolation != "auto":
+            return self.interpolation == "separable"
+        return prefer_separable(self.grids.layout, batch, size, self.key_channels)
+
+    def retrieve(self, z_hat: Tensor) -> Tensor:
+        """F_inp(F_r(q)) for every group and position: (N_h, B * H_d * W_d, N_r * C_v), fp32."""
+        B, _, H, W = z_hat.shape
+        if not self.use_separable(B, (H, W)):
+            return self.grids(key_queries(z_hat, self.key_channels))  # Eq. 1 queries [key; x; y]
+        keys = z_hat.view(B, self.groups, self.key_channels, H * W).permute(1, 0, 3, 2)  # (N_h, B, P, C_key)
+        with torch.autocast(device_type="cuda" if z_hat.is_cuda else "cpu", enabled=False):
+            keys = keys.to(self.grids.tables.dtype)
+            raw = PixelGridInterpolate.apply(self.grids.tables, keys, self.grids.levels, self.grids.index_fn, (H, W))
+        return raw.reshape(self.groups, B * H * W, -1)
+
+    def forward(self, z_hat: Tensor) -> Tensor:
+        B, _, H, W = z_hat.shape
+        f = self.mlp(self.retrieve(z_hat), B)  # (N_h, B*H*W, C_d/N_h)
         return f.view(self.groups, B, H, W, -1).permute(1, 0, 4, 2, 3).reshape(B, -1, H, W)

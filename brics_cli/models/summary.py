@@ -1,6 +1,7 @@
 """Parameter counts, multiply-accumulates and memory of the autoencoder's components (`brics info`).
 
-MACs are counted with torch.utils.flop_counter (FLOPs / 2) for one image at the recipe's resolution.
+MACs are counted with torch.utils.flop_counter (FLOPs / 2) for one image at the recipe's resolution,
+with the per-image (gather) retrieval path.
 The model is built on the `meta` device for counting, so even the 256x256 configurations cost no
 memory and no compute. The counter sees matrix products and convolutions; elementwise work (the
 d-linear interpolation, activations, noise, the [1,3,3,1] FIR blurs) is not counted, which is also
@@ -36,6 +37,9 @@ def component_report(cfg: AutoencoderConfig, resolution: int) -> dict[str, Any]:
     """{"components": {name: {"params", "macs"}}, "decode": {"params", "macs"}} for one image."""
     with torch.device("meta"):
         ae = BRICSAutoencoder(cfg, resolution).eval()
+        # Count the per-image algorithm (gather the 2^d corners of each query). The separable path
+        # that training batches may take adds dense products whose cost the whole batch shares.
+        ae.retrieval.interpolation = "gather"
         disc = Discriminator(cfg.discriminator, resolution)
         x = torch.zeros(1, 3, resolution, resolution)
         z = torch.zeros(1, cfg.code.channels, cfg.code.resolution, cfg.code.resolution)
