@@ -27,7 +27,7 @@ import functools
 import torch
 from torch import Tensor
 
-from brics_cli.models.grid import GridLayout, _Level, corner_weights, weight_derivatives
+from brics_cli.models.grid import GridLayout, _Level, corner_weights, grid_index, weight_derivatives
 
 
 # Cost of gathering (and later scatter-adding) one corner row relative to one multiply-accumulate
@@ -102,6 +102,7 @@ class PixelGridInterpolate(torch.autograd.Function):
             windows = flat.as_strided((flat.shape[0] - 1, 2, C), (C, C, 1))
             feats = windows.index_select(0, rows.reshape(-1)).view(*rows.shape, 2, C)
             feats = feats.transpose(-3, -2).reshape(*rows.shape[:-1], -1, C)  # (G, B, P, Kc, C), k_0 top bit
+            # Batched (1 x Kc) @ (Kc x C) products: faster on CPU than broadcasting over tiny dims.
             outs.append(torch.matmul(w.unsqueeze(-2), feats).squeeze(-2))  # (G, B, P, C)
             saved.append((rows, frac, feats, M_x, M_y))
         ctx.saved = saved
@@ -112,12 +113,13 @@ class PixelGridInterpolate(torch.autograd.Function):
     def backward(ctx, grad_out):
         (G, E, C), levels, index_fn, C_key, (H, W) = ctx.meta
         need_tables, need_keys = ctx.needs_input_grad[:2]
-        grad_tables = torch.zeros(G, E, C, dtype=grad_out.dtype, device=grad_out.device) if need_tables else None
+        # Every level block is assigned below (not accumulated), so no zero-fill of the whole table.
+        grad_tables = torch.empty(G, E, C, dtype=grad_out.dtype, device=grad_out.device) if need_tables else None
         grad_keys = None
         for l, (level, (rows, frac, feats, M_x, M_y)) in enumerate(zip(levels, ctx.saved)):
             g = grad_out[..., l * C : (l + 1) * C].unsqueeze(-2)  # (G, B, P, 1, C)
             if need_keys:
-                fg = torch.matmul(feats, g.transpose(-1, -2))  # (G, B, P, Kc, 1)
+                fg = torch.matmul(feats, g.transpose(-1, -2))  # (G, B, P, Kc, 1): <f_c, dL/d out_l>
                 dw = torch.stack(weight_derivatives(frac), dim=-2)  # (G, B, P, C_key, Kc)
                 dk = torch.matmul(dw, fg).squeeze(-1) * level.scale  # (G, B, P, C_key)
                 grad_keys = dk if grad_keys is None else grad_keys + dk
@@ -134,20 +136,38 @@ class PixelGridInterpolate(torch.autograd.Function):
                 dU = torch.matmul(M_y.t(), dTxy.view(G, H, -1)).view(G, V, W, -1)  # (G, V_y, W, V_k C)
                 dTv = torch.matmul(M_x.t(), dU).reshape(G, -1, C)  # (G, V_y V_x V_k, C)
                 block = grad_tables[:, level.offset : level.offset + level.layout.entries[0]]
-                vrows = virtual_rows(level, index_fn, g.device)
-                if vrows is None:
-                    block[:, : dTv.shape[1]] += dTv
-                else:
-                    block.index_add_(1, vrows, dTv)
+                _scatter_virtual(block, dTv, level, index_fn)
         return grad_tables, grad_keys, None, None, None
 
 
 def _virtual_table(tables: Tensor, level: _Level, index_fn, V: int, C_key: int) -> Tensor:
+    """The level's rows for every vertex of its (V_y, V_x, V_k) grid: (G, V_y, V_x, V_k C)."""
     G, _, C = tables.shape
+    n, T = V ** (C_key + 2), level.layout.table_size
     block = tables[:, level.offset : level.offset + level.layout.entries[0]]
-    vrows = virtual_rows(level, index_fn, tables.device)
-    dense = block[:, : V ** (C_key + 2)] if vrows is None else block.index_select(1, vrows)
+    if n <= T:
+        dense = block[:, :n]  # dense level: vertex i is row i
+    elif index_fn is grid_index:
+        dense = block.repeat(1, -(-n // T), 1)[:, :n]  # Eq. 6 wraps: vertex i is row i mod T
+    else:
+        dense = block.index_select(1, virtual_rows(level, index_fn, tables.device))
     return dense.reshape(G, V, V, V**C_key * C)
+
+
+def _scatter_virtual(block: Tensor, dTv: Tensor, level: _Level, index_fn) -> None:
+    """Write the gradient of every vertex (G, n, C) into the level's rows (the transpose of the above)."""
+    n, T = dTv.shape[1], level.layout.table_size
+    if n <= T:
+        block[:, :n] = dTv
+        block[:, n:] = 0  # rows added by rounding the level up to a multiple of 8
+    elif index_fn is grid_index:
+        block.copy_(dTv[:, :T])
+        for start in range(T, n, T):  # fold the wrapped vertices back
+            seg = dTv[:, start : start + T]
+            block[:, : seg.shape[1]] += seg
+    else:
+        block.zero_()
+        block.index_add_(1, virtual_rows(level, index_fn, dTv.device), dTv)
 
 
 def _key_corners(keys: Tensor, level: _Level, V: int, V_k: int) -> tuple[Tensor, Tensor, Tensor]:
