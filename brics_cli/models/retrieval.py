@@ -63,8 +63,10 @@ class GroupedMLP(nn.Module):
             for affine in self.affines:
                 nn.init.ones_(affine.bias)  # start as the identity modulation
 
-    def forward(self, h: Tensor, batch: int) -> Tensor:
+    def forward(self, h: Tensor, batch: int, channels_first: bool = False) -> Tensor:
+        """(G, N, in) -> (G, N, out), or (G, out, N) with `channels_first`."""
         G, N, _ = h.shape
+        last = len(self.layers) - 1
         style = h.view(G, batch, N // batch, -1).mean(2) if self.cfg.modulated else None  # (G, B, in)
         for i, layer in enumerate(self.layers):
             if style is not None:
@@ -74,11 +76,14 @@ class GroupedMLP(nn.Module):
                 h = h.view(G, batch, N // batch, -1) * s.unsqueeze(2)
                 h = torch.bmm(h.flatten(1, 2), layer.weight).view(G, batch, N // batch, -1)
                 h = (h * demod.unsqueeze(2)).flatten(1, 2) + layer.bias
+            elif i == last and channels_first:
+                # W^T h^T: the transposed product comes out channel-major without a copy.
+                return torch.baddbmm(layer.bias.transpose(1, 2), layer.weight.transpose(1, 2), h.transpose(1, 2))
             else:
                 h = layer(h)
-            if i < len(self.layers) - 1:
+            if i < last:
                 h = F.leaky_relu(h, self.cfg.negative_slope)
-        return h
+        return h.transpose(1, 2) if channels_first else h
 
 
 class FeatureRetrieval(nn.Module):
@@ -112,5 +117,5 @@ class FeatureRetrieval(nn.Module):
 
     def forward(self, z_hat: Tensor) -> Tensor:
         B, _, H, W = z_hat.shape
-        f = self.mlp(self.retrieve(z_hat), B)  # (N_h, B*H*W, C_d/N_h)
-        return f.view(self.groups, B, H, W, -1).permute(1, 0, 4, 2, 3).reshape(B, -1, H, W)
+        f = self.mlp(self.retrieve(z_hat), B, channels_first=True)  # (N_h, C_d/N_h, B*H*W)
+        return f.view(self.groups, -1, B, H, W).permute(2, 0, 1, 3, 4).reshape(B, -1, H, W)  # groups in order

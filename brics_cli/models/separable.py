@@ -27,7 +27,7 @@ import functools
 import torch
 from torch import Tensor
 
-from brics_cli.models.grid import GridLayout, _Level, corner_weights, grid_index, weight_derivatives
+from brics_cli.models.grid import GridLayout, _Level, grid_index
 
 
 # Cost of gathering (and later scatter-adding) one corner row relative to one multiply-accumulate
@@ -50,6 +50,7 @@ def prefer_separable(layout: GridLayout, batch: int, size: tuple[int, int], key_
     return separable < gather
 
 
+@functools.lru_cache(maxsize=256)
 def axis_weights(level: _Level, n: int, device, dtype) -> Tensor:
     """(n, V) matrix: row j holds the two linear weights of pixel centre (j + 0.5) / n at this level."""
     V = level.layout.vertices[0]
@@ -77,16 +78,25 @@ def virtual_rows(level: _Level, index_fn, device) -> Tensor | None:
 
 
 class PixelGridInterpolate(torch.autograd.Function):
-    """keys (G, B, P, C_key) on an H x W pixel grid -> (G, B, P, L * C); gradients to tables and keys."""
+    """keys (G, B, P, C_key) on an H x W pixel grid -> (G, B, P, L * C); gradients to tables and keys.
+
+    Per-query work runs channel-major -- (C, M) tensors with M = G * B * P queries contiguous -- so
+    every elementwise step is a long vectorised loop; the output is returned as a transposed view.
+    """
 
     @staticmethod
     def forward(ctx, tables, keys, levels, index_fn, size):
         G, E, C = tables.shape
         _, B, P, C_key = keys.shape
         H, W = size
+        M = G * B * P
+        keys_t = keys.permute(3, 0, 1, 2).reshape(C_key, M)  # (C_key, M)
+        # Row of each query's pixel block in the stacked per-pixel tables, before scaling by V_k.
+        pixel = (torch.arange(G, device=keys.device).view(G, 1, 1) * P + torch.arange(P, device=keys.device)).expand(G, B, P)
+        pixel = pixel.reshape(M)
+        out = torch.empty(len(levels) * C, M, dtype=tables.dtype, device=tables.device)
         saved = []
-        outs = []
-        for level in levels:
+        for l, level in enumerate(levels):
             V = level.layout.vertices[0]
             V_k = V**C_key
             Tv = _virtual_table(tables, level, index_fn, V, C_key)  # (G, V_y, V_x, V_k * C)
@@ -94,50 +104,82 @@ class PixelGridInterpolate(torch.autograd.Function):
             M_x = axis_weights(level, W, keys.device, tables.dtype)
             U = torch.matmul(M_x, Tv)  # (G, V_y, W, V_k C): interpolate along x
             Txy = torch.matmul(M_y, U.reshape(G, V, -1))  # (G, H, W V_k C): then along y
-            rows, w, frac = _key_corners(keys, level, V, V_k)  # (G, B, P, Kc / 2): lower corners along k_0
-            rows = rows + (torch.arange(G, device=keys.device) * P * V_k).view(G, 1, 1, 1)
-            # Corners k_0 and k_0 + 1 are adjacent rows: gather both with one index from a view of
+            rows, frac = _key_corners(keys_t, level, V, pixel * V_k)  # (Kc/2, M) lower corners along k_0
+            # Corners k_0 and k_0 + 1 are adjacent rows: one index fetches both from a view of
             # overlapping (2, C) windows, halving the number of indexed rows.
             flat = Txy.reshape(G * P * V_k, C)
             windows = flat.as_strided((flat.shape[0] - 1, 2, C), (C, C, 1))
-            feats = windows.index_select(0, rows.reshape(-1)).view(*rows.shape, 2, C)
-            feats = feats.transpose(-3, -2).reshape(*rows.shape[:-1], -1, C)  # (G, B, P, Kc, C), k_0 top bit
-            # Batched (1 x Kc) @ (Kc x C) products: faster on CPU than broadcasting over tiny dims.
-            outs.append(torch.matmul(w.unsqueeze(-2), feats).squeeze(-2))  # (G, B, P, C)
+            win = windows.index_select(0, rows.reshape(-1)).view(rows.shape[0], M, 2, C)
+            feats = win.permute(2, 0, 3, 1).reshape(-1, C, M)  # (Kc, C, M), k_0 the top bit
+            if C_key == 1:  # the paper's case: a lerp between the two key corners
+                diff = feats[1] - feats[0]  # (C, M); also d out / d frac, all the backward needs
+                torch.addcmul(feats[0], diff, frac, out=out[l * C : (l + 1) * C])
+                feats = diff
+            else:
+                torch.sum(corner_weights_cm(frac).unsqueeze(1) * feats, dim=0, out=out[l * C : (l + 1) * C])
             saved.append((rows, frac, feats, M_x, M_y))
         ctx.saved = saved
-        ctx.meta = (tables.shape, levels, index_fn, C_key, (H, W))
-        return torch.cat(outs, dim=-1)
+        ctx.meta = (tables.shape, levels, index_fn, (G, B, P, C_key), (H, W))
+        return out.view(-1, G, B, P).permute(1, 2, 3, 0)  # (G, B, P, L C), a transposed view
 
     @staticmethod
     def backward(ctx, grad_out):
-        (G, E, C), levels, index_fn, C_key, (H, W) = ctx.meta
+        (G, E, C), levels, index_fn, (_, B, P, C_key), (H, W) = ctx.meta
+        M = G * B * P
         need_tables, need_keys = ctx.needs_input_grad[:2]
+        grad_t = grad_out.permute(3, 0, 1, 2).reshape(-1, M)  # (L C, M)
         # Every level block is assigned below (not accumulated), so no zero-fill of the whole table.
         grad_tables = torch.empty(G, E, C, dtype=grad_out.dtype, device=grad_out.device) if need_tables else None
-        grad_keys = None
+        grad_keys = torch.zeros(C_key, M, dtype=grad_out.dtype, device=grad_out.device) if need_keys else None
         for l, (level, (rows, frac, feats, M_x, M_y)) in enumerate(zip(levels, ctx.saved)):
-            g = grad_out[..., l * C : (l + 1) * C].unsqueeze(-2)  # (G, B, P, 1, C)
-            if need_keys:
-                fg = torch.matmul(feats, g.transpose(-1, -2))  # (G, B, P, Kc, 1): <f_c, dL/d out_l>
-                dw = torch.stack(weight_derivatives(frac), dim=-2)  # (G, B, P, C_key, Kc)
-                dk = torch.matmul(dw, fg).squeeze(-1) * level.scale  # (G, B, P, C_key)
-                grad_keys = dk if grad_keys is None else grad_keys + dk
+            g = grad_t[l * C : (l + 1) * C]  # (C, M)
+            if need_keys and C_key == 1:
+                grad_keys[0] += (feats * g).sum(0) * level.scale  # feats holds f_1 - f_0 here
+            elif need_keys:
+                fg = (feats * g).sum(1)  # (Kc, M): <f_c, dL/d out_l>
+                for j, dw in enumerate(weight_derivatives_cm(frac)):
+                    grad_keys[j] += (dw * fg).sum(0) * level.scale
             if need_tables:
                 V = level.layout.vertices[0]
                 V_k = V**C_key
-                contrib = torch.matmul(corner_weights(frac).unsqueeze(-1), g)  # (G, B, P, Kc, C)
-                half = contrib.shape[-2] // 2
-                pairs = contrib.unflatten(-2, (2, half)).transpose(-3, -2)  # (G, B, P, Kc/2, 2, C)
-                acc = torch.zeros(G * H * W * V_k, 2, C, dtype=g.dtype, device=g.device)
-                acc.index_add_(0, rows.reshape(-1), pairs.reshape(-1, 2, C))
-                dTxy = acc[:, 0].clone()
-                dTxy[1:] += acc[:-1, 1]  # the upper corner of row r lands on row r + 1
+                if C_key == 1:
+                    upper = g * frac  # (C, M)
+                    contrib = torch.stack([g - upper, upper]).permute(0, 2, 1)  # (2, M, C)
+                else:
+                    contrib = (corner_weights_cm(frac).unsqueeze(1) * g).permute(0, 2, 1)  # (Kc, M, C)
+                all_rows = torch.cat([rows, rows + 1])  # (Kc, M): upper corners along k_0 are the next rows
+                dTxy = torch.zeros(G * H * W * V_k, C, dtype=g.dtype, device=g.device)
+                dTxy.index_add_(0, all_rows.reshape(-1), contrib.reshape(-1, C))
                 dU = torch.matmul(M_y.t(), dTxy.view(G, H, -1)).view(G, V, W, -1)  # (G, V_y, W, V_k C)
                 dTv = torch.matmul(M_x.t(), dU).reshape(G, -1, C)  # (G, V_y V_x V_k, C)
                 block = grad_tables[:, level.offset : level.offset + level.layout.entries[0]]
                 _scatter_virtual(block, dTv, level, index_fn)
+        if need_keys:
+            grad_keys = grad_keys.view(C_key, G, B, P).permute(1, 2, 3, 0)
         return grad_tables, grad_keys, None, None, None
+
+
+def corner_weights_cm(frac: Tensor) -> Tensor:
+    """Channel-major d-linear weights: frac (D, M) -> (2^D, M), dimension 0 the top bit."""
+    w = torch.stack([1 - frac[0], frac[0]])
+    for k in range(1, frac.shape[0]):
+        w = (w.unsqueeze(1) * torch.stack([1 - frac[k], frac[k]]).unsqueeze(0)).reshape(-1, frac.shape[1])
+    return w
+
+
+def weight_derivatives_cm(frac: Tensor) -> list[Tensor]:
+    """d w / d frac_j for each dimension j, channel-major: D tensors of shape (2^D, M)."""
+    out = []
+    for j in range(frac.shape[0]):
+        w = None
+        for k in range(frac.shape[0]):
+            if k == j:
+                pair = torch.tensor([-1.0, 1.0], dtype=frac.dtype, device=frac.device).view(2, 1).expand(2, frac.shape[1])
+            else:
+                pair = torch.stack([1 - frac[k], frac[k]])
+            w = pair if w is None else (w.unsqueeze(1) * pair.unsqueeze(0)).reshape(-1, frac.shape[1])
+        out.append(w)
+    return out
 
 
 def _virtual_table(tables: Tensor, level: _Level, index_fn, V: int, C_key: int) -> Tensor:
@@ -148,7 +190,7 @@ def _virtual_table(tables: Tensor, level: _Level, index_fn, V: int, C_key: int) 
     if n <= T:
         dense = block[:, :n]  # dense level: vertex i is row i
     elif index_fn is grid_index:
-        dense = block.repeat(1, -(-n // T), 1)[:, :n]  # Eq. 6 wraps: vertex i is row i mod T
+        dense = torch.cat([block] * (n // T) + [block[:, : n % T]], dim=1)  # Eq. 6 wraps: vertex i is row i mod T
     else:
         dense = block.index_select(1, virtual_rows(level, index_fn, tables.device))
     return dense.reshape(G, V, V, V**C_key * C)
@@ -170,19 +212,15 @@ def _scatter_virtual(block: Tensor, dTv: Tensor, level: _Level, index_fn) -> Non
         block.index_add_(1, virtual_rows(level, index_fn, dTv.device), dTv)
 
 
-def _key_corners(keys: Tensor, level: _Level, V: int, V_k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Rows of the per-pixel key tables for the 2^C_key key corners, their weights and fractions."""
-    G, B, P, C_key = keys.shape
-    pos = keys * level.scale + level.shift
+def _key_corners(keys_t: Tensor, level: _Level, V: int, pixel_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of the lower key corners along k_0 (Kc / 2, M) in the per-pixel tables, and fractions (C_key, M)."""
+    C_key = keys_t.shape[0]
+    pos = keys_t * level.scale + level.shift
     lo = torch.floor(pos).clamp_(0, level.max_lo)
     frac = pos - lo
     lo = lo.long()
-    strides = V ** torch.arange(C_key, device=keys.device)
-    base = (lo * strides).sum(-1)  # (G, B, P)
-    # Lower corners along k_0 (the top bit of corner_weights' order); k_0 + 1 is the next row.
-    low = range(2 ** (C_key - 1))
-    bits = torch.tensor([[0] + [(c >> (C_key - 1 - k)) & 1 for k in range(1, C_key)] for c in low], device=keys.device)
-    offsets = (bits * strides).sum(-1)  # (Kc / 2,)
-    pixel = torch.arange(P, device=keys.device).view(1, 1, P, 1) * V_k
-    rows = pixel + base.unsqueeze(-1) + offsets  # (G, B, P, Kc / 2)
-    return rows, corner_weights(frac), frac
+    strides = [V**i for i in range(C_key)]
+    base = pixel_rows + sum(lo[i] * strides[i] for i in range(C_key))  # (M,)
+    # Lower corners along k_0 (the top bit of the corner order); k_0 + 1 is the next row.
+    offsets = [sum(((c >> (C_key - 1 - k)) & 1) * strides[k] for k in range(1, C_key)) for c in range(2 ** (C_key - 1))]
+    return torch.stack([base + o for o in offsets]), frac
