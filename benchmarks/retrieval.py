@@ -1,14 +1,15 @@
 """Speed of the retrieval module (grids + interpolation + F_mlp) against a straightforward implementation.
 
 Paper configuration (Table 3, 64x64x4 codes): 4 groups, 16 levels (r_min 16, r_max 64), T = 2^18,
-C_v = 4, F_mlp 64 -> 64 -> 64 -> 128, batch 4 of 64x64 queries (65,536 queries per group... per
-batch: 4 x 4096 per group). Queries: uniform random key slices with the exact pixel-centre
-coordinates of a 64x64 feature block.
+C_v = 4, F_mlp 64 -> 64 -> 64 -> 128, batch 4 of 64x64 queries (4 x 4096 queries per group).
+Queries: uniform random key slices with the exact pixel-centre coordinates of a 64x64 feature block.
 
 The baseline is what one writes first in PyTorch: one table per level, a Python loop over levels
 and over the 2^d corners, the corner index and weight computed per corner, autograd for the rest.
-Both produce the same numbers (checked before timing). Times are medians over `--repeats` runs,
-measured side by side in one process; compare the ratios, not the absolute times.
+All produce the same numbers (checked before timing). Times are medians over `--repeats` rounds in
+which every implementation runs once, side by side in one process; compare the ratios, not the
+absolute times. Implementations: `brics-gather`, `brics-separable` (ae.grid.interpolation), `brics`
+(= auto, what training uses) and the straightforward baseline.
 
     python benchmarks/retrieval.py --out benchmarks/out/retrieval.json [--device cuda]
 """
@@ -78,16 +79,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_it(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def time_once(fn, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -130,12 +127,20 @@ def main() -> None:
         naive.zero_grad(set_to_none=True)
         run(name, x).square().mean().backward()
 
-    results = {}
-    for name in names:
-        results[name] = {
-            "forward_s": time_it(lambda: fwd(name), args.repeats, device),
-            "forward_backward_s": time_it(lambda: fwd_bwd(name), args.repeats, device),
-        }
+    # Round-robin: every repeat runs each implementation once, so drifts of this shared machine hit
+    # them alike; medians per implementation.
+    times = {(name, kind): [] for name in names for kind in ("forward_s", "forward_backward_s")}
+    for name in names:  # warm-up
+        fwd(name)
+        fwd_bwd(name)
+    for _ in range(args.repeats):
+        for name in names:
+            times[(name, "forward_s")].append(time_once(lambda: fwd(name), device))
+            times[(name, "forward_backward_s")].append(time_once(lambda: fwd_bwd(name), device))
+    results = {
+        name: {kind: statistics.median(times[(name, kind)]) for kind in ("forward_s", "forward_backward_s")}
+        for name in names
+    }
     results["brics"] = results.pop("brics-auto")
     report = {
         "benchmark": "retrieval",

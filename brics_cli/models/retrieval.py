@@ -102,6 +102,8 @@ class FeatureRetrieval(nn.Module):
     def use_separable(self, batch: int, size: tuple[int, int]) -> bool:
         if self.interpolation != "auto":
             return self.interpolation == "separable"
+        if torch.is_grad_enabled() and self.grids.tables.requires_grad:
+            return True  # its backward is the cheaper one even at batch 1 (benchmarks/RESULTS.md)
         return prefer_separable(self.grids.layout, batch, size, self.key_channels)
 
     def retrieve(self, z_hat: Tensor) -> Tensor:
