@@ -211,3 +211,16 @@ def test_auto_interpolation_choice():
         assert not retrieval.use_separable(1, (64, 64))
         assert retrieval.use_separable(12, (64, 64))
     assert retrieval.use_separable(1, (64, 64))  # training: the separable backward is cheaper
+
+
+@pytest.mark.parametrize("interpolation", ["gather", "separable"])
+def test_grids_stay_fp32_under_cpu_autocast(interpolation):
+    from brics_cli.models.retrieval import FeatureRetrieval, MLPConfig
+
+    grid = GridConfig(levels=4, r_min=4, r_max=16, log2_table_size=10, interpolation=interpolation)
+    retrieval = FeatureRetrieval(grid, MLPConfig(hidden=8), groups=2, key_channels=1, r_max=16, channels=16)
+    z_hat = torch.rand(2, 2, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        raw = retrieval.retrieve(z_hat.bfloat16())
+    assert raw.dtype == torch.float32
+    torch.testing.assert_close(raw, retrieval.retrieve(z_hat.bfloat16().float()))
