@@ -17,13 +17,16 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q
 
-# Until `brics demo` lands (the full pipeline), the demo inspects the CPU demo recipe and the paper's.
+# Until `brics demo` lands (the full pipeline): shard the demo photos, check them, inspect the models.
 demo: install
+	$(VENV)/bin/brics shard demo --out shards/demo --workers 2
+	$(VENV)/bin/brics shard verify shards/demo
 	$(VENV)/bin/brics info recipes/demo.yaml --memory
 	$(VENV)/bin/brics info recipes/church.yaml
 
 bench: install
 	$(PY) benchmarks/retrieval.py --out benchmarks/out/retrieval.json
+	$(PY) benchmarks/shard.py --out benchmarks/out/shard.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

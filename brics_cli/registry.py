@@ -137,5 +137,6 @@ def _dist_suffix(entry: Entry) -> str:
 
 DECODERS: Registry = Registry("decoders")
 RETRIEVALS: Registry = Registry("retrievals")
+SOURCES: Registry = Registry("sources")
 
-ALL_REGISTRIES: dict[str, Registry] = {r.name: r for r in (DECODERS, RETRIEVALS)}
+ALL_REGISTRIES: dict[str, Registry] = {r.name: r for r in (DECODERS, RETRIEVALS, SOURCES)}

@@ -13,7 +13,7 @@ import sys
 import typer
 
 from brics_cli import __version__
-from brics_cli.cli import info, plugins
+from brics_cli.cli import info, plugins, shard
 from brics_cli.errors import BricsError
 
 app = typer.Typer(
@@ -44,6 +44,7 @@ def _root(
 
 app.command("info")(info.info)
 app.add_typer(plugins.app, name="plugins")
+app.add_typer(shard.app, name="shard")
 
 
 def main() -> None:
