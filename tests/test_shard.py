@@ -4,10 +4,12 @@ import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,21 @@ def make_folder(root: Path) -> dict[str, Image.Image]:
     gray16 = Image.fromarray(rng.integers(0, 65536, (40, 40), dtype=np.uint16))
     gray16.save(root / "gray16.png")
     good["gray16.png"] = Image.fromarray((np.asarray(Image.open(root / "gray16.png"), dtype=np.uint32) >> 8).astype(np.uint8)).convert("RGB")
+    # Grayscale, palette and alpha inputs are converted to RGB (alpha over white).
+    gray = Image.fromarray(rng.integers(0, 256, (36, 44), dtype=np.uint8))
+    gray.save(root / "gray.png")
+    good["gray.png"] = gray.convert("RGB")
+    palette = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).quantize(16)
+    palette.save(root / "palette.png")
+    good["palette.png"] = palette.convert("RGB")
+    rgba = np.concatenate([rng.integers(0, 256, (40, 40, 3)), np.full((40, 40, 1), 255)], axis=-1).astype(np.uint8)
+    Image.fromarray(rgba, "RGBA").save(root / "opaque_rgba.png")
+    good["opaque_rgba.png"] = Image.fromarray(rgba[..., :3])
+    # Bad inputs: each skipped and counted.
+    bomb = bytearray(png_bytes(Image.new("RGB", (1, 1))))
+    bomb[16:24] = struct.pack(">II", 30000, 30000)  # IHDR claims 30000 x 30000 (900 Mpx)
+    bomb[29:33] = struct.pack(">I", zlib.crc32(bytes(bomb[12:29])))
+    (root / "bomb.png").write_bytes(bytes(bomb))
     (root / "empty.png").write_bytes(b"")
     (root / "notes.txt").write_text("not an image")
     (root / "truncated.png").write_bytes(png_bytes(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))[:300])
@@ -91,7 +108,7 @@ def test_folder_round_trip_with_bad_inputs(tmp_path, monkeypatch, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == summary["counts"]
     assert manifest["counts"]["train"] + manifest["counts"]["val"] == len(good)  # val: 2 of the 14 files
-    assert manifest["failures"] == {"empty": 1, "not_image": 1, "too_small": 1, "truncated": 1}
+    assert manifest["failures"] == {"empty": 1, "not_image": 1, "too_large": 1, "too_small": 1, "truncated": 1}
     assert set(manifest["shards"]) == {p.name for p in out.glob("*.tar")}
     samples = read_shards(out)
     assert len(samples) == len(good)
