@@ -1,4 +1,4 @@
-"""`brics shard folder|demo|verify`: raw images -> WebDataset shards + manifest.json, and their check."""
+"""`brics shard lsun|ffhq|webvid|folder|demo|verify`: raw data -> WebDataset shards + manifest.json, and their check."""
 
 from __future__ import annotations
 
@@ -144,6 +144,96 @@ def shard_demo(
     _run(out, splits, process_demo, options, source, workers, overwrite, json_output)
 
 
+@app.command("lsun")
+def shard_lsun(
+    lmdb_dir: Path = typer.Argument(..., help="LSUN LMDB folder holding data.mdb (e.g. church_outdoor_train_lmdb)."),
+    out: Path = COMMON["out"],
+    resolution: int = typer.Option(256, "--resolution", help="Output side in pixels (centre crop to the short side, then resize)."),
+    resize_filter: str = typer.Option("bicubic", "--resize-filter", help="lanczos | bicubic | box (antialiased); bicubic as LDM's churches."),
+    fmt: str = COMMON["fmt"],
+    quality: int = COMMON["quality"],
+    val_lmdb: Optional[Path] = typer.Option(None, "--val-lmdb", help="LSUN's val LMDB (e.g. church_outdoor_val_lmdb): all of it becomes val."),
+    val_count: Optional[int] = typer.Option(None, "--val-count", help="Images of LMDB_DIR held out for val (default: --val-fraction)."),
+    val_fraction: float = typer.Option(0.02, "--val-fraction", help="Fraction held out for val when neither --val-count nor --val-lmdb is given."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Use only the first N keys of LMDB_DIR (sorted)."),
+    small: str = typer.Option("skip", "--small", help="Images whose short side is below --resolution: skip | upscale."),
+    shard_size: int = COMMON["shard_size"],
+    workers: int = COMMON["workers"],
+    seed: int = COMMON["seed"],
+    overwrite: bool = COMMON["overwrite"],
+    json_output: bool = COMMON["json_output"],
+) -> None:
+    """LSUN LMDB (e.g. church_outdoor) -> shards; each worker opens the LMDB read-only itself. Corrupt, empty and
+    too-small values are skipped and counted."""
+    from brics_cli.data.lsun_ffhq import list_lsun, process_lmdb
+    from brics_cli.data.sources import split_items
+    from brics_cli.errors import ConfigError
+
+    items = list_lsun(lmdb_dir)[:max_images] if max_images else list_lsun(lmdb_dir)
+    if val_lmdb is not None:
+        if val_count:
+            raise ConfigError("--val-count and --val-lmdb exclude each other: with --val-lmdb, val is that whole LMDB")
+        splits = {"train": items, "val": list_lsun(val_lmdb)}
+        n_val = len(splits["val"])
+    else:
+        n_val = val_count if val_count is not None else int(round(val_fraction * len(items)))
+        splits = split_items(items, n_val, seed)
+    options = _options(resolution, resize_filter, fmt, quality, shard_size, seed, small, {"val_count": n_val})
+    source = {
+        "type": "lsun",
+        "path": str(lmdb_dir.resolve()),
+        "keys": len(items),
+        "val_lmdb": str(val_lmdb.resolve()) if val_lmdb is not None else None,
+        "split": "val-lmdb" if val_lmdb is not None else "random",
+    }
+    _run(out, splits, process_lmdb, options, source, workers, overwrite, json_output)
+
+
+@app.command("ffhq")
+def shard_ffhq(
+    path: Path = typer.Argument(..., help="FFHQ images1024x1024/ folder, its parent, or a zip of the tree."),
+    out: Path = COMMON["out"],
+    resolution: int = typer.Option(256, "--resolution", help="Output side in pixels (centre crop to the short side, then resize)."),
+    resize_filter: str = typer.Option("box", "--resize-filter", help="lanczos | bicubic | box (antialiased); box for StyleGAN2 FID parity."),
+    fmt: str = COMMON["fmt"],
+    quality: int = COMMON["quality"],
+    split: str = typer.Option("official", "--split", help="official (ids < 60000 train, the rest val) | random (--val-count/--val-fraction)."),
+    val_count: Optional[int] = typer.Option(None, "--val-count", help="With --split random: images held out for val (default: --val-fraction)."),
+    val_fraction: float = typer.Option(0.02, "--val-fraction", help="With --split random: fraction held out when --val-count is not given."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Use only the N smallest ids."),
+    small: str = typer.Option("skip", "--small", help="Images whose short side is below --resolution: skip | upscale."),
+    shard_size: int = COMMON["shard_size"],
+    workers: int = COMMON["workers"],
+    seed: int = COMMON["seed"],
+    overwrite: bool = COMMON["overwrite"],
+    json_output: bool = COMMON["json_output"],
+) -> None:
+    """FFHQ (folder tree or zip) -> shards, indexed by the integer id of each <id>.png. Zip entries with absolute or '..'
+    paths (unsafe_path) and PNGs without a numeric name (bad_name) are counted, never read."""
+    from brics_cli.data.lsun_ffhq import FFHQ_SPLITS, ffhq_splits, list_ffhq, process_ffhq
+    from brics_cli.errors import ConfigError
+
+    if split not in FFHQ_SPLITS:
+        raise ConfigError(f"--split must be official or random, got '{split}'")
+    if val_count is not None and split == "official":
+        raise ConfigError("--val-count needs --split random: the official split is fixed (ids >= 60000 are val)")
+    items = list_ffhq(path)
+    images = [it for it in items if not it.skip][: max_images or None]
+    extra = {"split": split}
+    if split == "random":
+        extra["val_count"] = val_count if val_count is not None else int(round(val_fraction * len(images)))
+    options = _options(resolution, resize_filter, fmt, quality, shard_size, seed, small, extra)
+    splits = ffhq_splits(images + [it for it in items if it.skip], split, extra.get("val_count", 0), seed)
+    source = {
+        "type": "ffhq",
+        "path": str(path.resolve()),
+        "container": "folder" if path.is_dir() else "zip",
+        "images": len(images),
+        "split": split,
+    }
+    _run(out, splits, process_ffhq, options, source, workers, overwrite, json_output)
+
+
 @app.command("verify")
 def shard_verify(
     root: Path = typer.Argument(..., help="Folder written by `brics shard`."),
@@ -162,3 +252,45 @@ def shard_verify(
             print(f"  {problem}")
     if report["problems"]:
         raise BricsError(f"{len(report['problems'])} problems in {root} (first: {report['problems'][0]})")
+
+
+@app.command("webvid")
+def shard_webvid(
+    csv_path: Path = typer.Argument(..., help="WebVid training CSV (e.g. results_2M_train.csv); columns read by name."),
+    videos: Path = typer.Option(..., "--videos", help="Folder holding <page_dir>/<videoid>.mp4."),
+    out: Path = COMMON["out"],
+    frames: int = typer.Option(200000, "--frames", help="Training frames, each from a clip drawn with replacement."),
+    val_csv: Optional[Path] = typer.Option(None, "--val-csv", help="WebVid validation CSV; its frames form the val split."),
+    val_frames: int = typer.Option(5000, "--val-frames", help="Frames drawn from --val-csv."),
+    resolution: int = typer.Option(256, "--resolution", help="Output side in pixels (random square crop of the short side, then resize)."),
+    resize_filter: str = COMMON["resize_filter"],
+    fmt: str = COMMON["fmt"],
+    quality: int = COMMON["quality"],
+    small: str = typer.Option("skip", "--small", help="Videos whose short side is below --resolution: skip | upscale."),
+    shard_size: int = COMMON["shard_size"],
+    workers: int = COMMON["workers"],
+    seed: int = COMMON["seed"],
+    overwrite: bool = COMMON["overwrite"],
+    json_output: bool = COMMON["json_output"],
+) -> None:
+    """WebVid-10M clips -> Webvid-Frames200k (Suppl. L): each sample a random frame of a random clip, randomly
+    cropped square. Missing, zero-byte placeholder and undecodable videos are skipped and counted."""
+    from brics_cli.data.webvid import plan_webvid, process_frame
+    from brics_cli.errors import ConfigError
+
+    if not videos.is_dir():
+        raise ConfigError(f"--videos folder not found: {videos}")
+    if frames < 1 or val_frames < 0:
+        raise ConfigError("--frames must be >= 1 and --val-frames >= 0")
+    n_val = val_frames if val_csv is not None else 0
+    options = _options(resolution, resize_filter, fmt, quality, shard_size, seed, small, {"frames": frames, "val_frames": n_val})
+    splits, rows = plan_webvid(csv_path, videos, frames, seed, val_csv, n_val)
+    source = {
+        "type": "webvid",
+        "csv": str(csv_path.resolve()),
+        "val_csv": str(val_csv.resolve()) if val_csv is not None else None,
+        "videos": str(videos.resolve()),
+        "rows": rows,
+        "frames_planned": {split: len(items) for split, items in splits.items()},
+    }
+    _run(out, splits, process_frame, options, source, workers, overwrite, json_output)

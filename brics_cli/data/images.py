@@ -26,7 +26,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-CATEGORIES = ("empty", "not_image", "corrupt", "truncated", "too_large", "too_small", "unreadable")
+CATEGORIES = ("empty", "not_image", "corrupt", "truncated", "too_large", "too_small", "unreadable", "unsafe_path", "bad_name")
 FILTERS = {"lanczos": Image.LANCZOS, "bicubic": Image.BICUBIC, "box": Image.BOX}
 SMALL_POLICIES = ("skip", "upscale")
 FORMAT_NAMES = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}  # extension -> PIL format
