@@ -222,3 +222,22 @@ def test_csv_without_the_needed_columns_is_one_line_exit_2(clips, tmp_path, monk
     assert code == 2
     assert len(err.strip().splitlines()) == 1
     assert str(bad) in err and "videoid" in err and "page_dir" in err and "id, url, duration" in err
+
+
+def test_csv_values_leaving_the_videos_folder_are_never_opened(clips, tmp_path):
+    (tmp_path / "secret.mp4").write_bytes(b"not for us")
+    rows = [("1001", GOOD["1001"][0]), ("secret", ".."), ("x/../../secret", GOOD["1001"][0]), ("1002", "/abs")]
+    csv_path = write_csv(tmp_path / "evil.csv", ["videoid", "page_dir"], rows)
+    items, _ = webvid.draw_frames(csv_path, clips["videos"], 40, random.Random(0))
+    from brics_cli.data.shards import ShardOptions
+
+    options, categories = ShardOptions(resolution=16), set()
+    for item in items:
+        if item.videoid == "1001":
+            assert item.path
+            continue
+        assert item.path == ""
+        with pytest.raises(ImageSkip) as info:
+            webvid.process_frame(item, options, random.Random(0))
+        categories.add(info.value.category)
+    assert categories == {"unsafe_path"}

@@ -80,7 +80,10 @@ def draw_frames(csv_path: Path, videos: Path, n: int, rng: random.Random) -> tup
     items = []
     for k, r in enumerate(draws):
         videoid, page_dir = drawn[r]
-        items.append(FrameItem(f"{k:07d}-{videoid}", str(videos / page_dir / f"{videoid}.mp4"), videoid))
+        # A CSV value that would leave the videos folder ('..', absolute, separators) is never opened.
+        unsafe = Path(page_dir).is_absolute() or ".." in Path(page_dir).parts or "/" in videoid or "\\" in videoid or ".." in videoid
+        path = "" if unsafe else str(videos / page_dir / f"{videoid}.mp4")
+        items.append(FrameItem(f"{k:07d}-{videoid}", path, videoid))
     return items, rows
 
 
@@ -180,6 +183,8 @@ def _decode_from_start(path: str, index: int):
 
 def process_frame(item: FrameItem, options: ShardOptions, rng: random.Random) -> dict[str, bytes]:
     """One sample: a random frame of the item's clip, randomly cropped to a square of its short side, resized."""
+    if not item.path:
+        raise ImageSkip("unsafe_path", f"videoid/page_dir of {item.videoid!r} points outside the videos folder")
     image, index, n = read_frame(item.path, rng.randrange)
     w, h = image.size
     box = random_crop_box(w, h, min(w, h), rng)
