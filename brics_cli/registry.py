@@ -14,6 +14,7 @@ This module does not import torch: `brics --help` stays instant.
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable, Generic, Iterator, TypeVar
@@ -78,9 +79,12 @@ class Registry(Generic[T]):
         if self._loaded:
             return
         self._loaded = True
+        allowed = external_plugins_allowed()
         for ep in sorted(metadata.entry_points(group=self.group), key=lambda e: (e.name, e.value)):
             dist = ep.dist.name if ep.dist is not None else None
             version = ep.dist.version if ep.dist is not None else None
+            if dist != "brics" and allowed is not None and dist not in allowed and ep.name not in allowed:
+                continue  # an external plugin left out by BRICS_LOAD_PLUGINS
             existing = self._entries.get(ep.name)
             if existing is not None and existing.module != ep.module:
                 raise RegistryError(
@@ -129,6 +133,15 @@ class Registry(Generic[T]):
     def __contains__(self, name: str) -> bool:
         self.load_plugins()
         return name in self._entries
+
+
+def external_plugins_allowed() -> set[str] | None:
+    """BRICS_LOAD_PLUGINS: unset = every installed plugin; a comma list of distribution or entry
+    names = only those; empty = none (brics' own entries always load)."""
+    value = os.environ.get("BRICS_LOAD_PLUGINS")
+    if value is None:
+        return None
+    return {name.strip() for name in value.split(",") if name.strip()}
 
 
 def _dist_suffix(entry: Entry) -> str:

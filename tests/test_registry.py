@@ -63,8 +63,8 @@ class Decoder:
 """
 
 
-def _run_plugins_list(path):
-    env = {**os.environ, "PYTHONPATH": str(path)}
+def _run_plugins_list(path, **extra_env):
+    env = {**os.environ, "PYTHONPATH": str(path), **extra_env}
     env.pop("BRICS_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "brics_cli", "plugins", "list", "--json"], capture_output=True, text=True, env=env)
 
@@ -85,3 +85,20 @@ def test_plugin_reusing_a_builtin_name_is_a_hard_error(tmp_path):
     assert proc.returncode == 2
     assert "brics_cli.models.decoder" in proc.stderr and "brics_clash_decoder" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_brics_load_plugins_selects_external_plugins(tmp_path):
+    _fake_distribution(tmp_path, "brics-toy", "brics_toy_decoder", "toy", PLUGIN.format(name="toy"))
+
+    def decoders(**env):
+        proc = _run_plugins_list(tmp_path, **env)
+        assert proc.returncode == 0, proc.stderr
+        return {e["name"] for e in json.loads(proc.stdout.strip().splitlines()[-1])["decoders"]}
+
+    assert "toy" not in decoders(BRICS_LOAD_PLUGINS="")
+    assert "stylegan" in decoders(BRICS_LOAD_PLUGINS="")  # built-ins always load
+    assert "toy" in decoders(BRICS_LOAD_PLUGINS="brics-toy")
+    assert "toy" in decoders(BRICS_LOAD_PLUGINS="something-else, toy")
+    # A clashing plugin that is not loaded cannot break the CLI either.
+    _fake_distribution(tmp_path, "brics-clash", "brics_clash_decoder", "stylegan", PLUGIN.format(name="stylegan"))
+    assert _run_plugins_list(tmp_path, BRICS_LOAD_PLUGINS="brics-toy").returncode == 0
