@@ -215,6 +215,11 @@ def _build_registered(registry, value: Any, path: str, origins: _Origins) -> Any
         config_cls = registry.get(name).Config
     except BricsError as exc:
         raise ConfigError(f"{origins.of(path + '.name')}: '{path}.name': {exc}") from exc
+    if origins.of(f"{path}.name").startswith("override"):
+        # `ae.decoder.name=vqgan` switches components in one override: options the recipe file wrote
+        # for the previous one are dropped; options given as overrides must fit the new one.
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        value = {k: v for k, v in value.items() if k in fields or origins.of(f"{path}.{k}").startswith("override")}
     return build(config_cls, value, path, origins)
 
 
