@@ -27,6 +27,8 @@ demo: install
 bench: install
 	$(PY) benchmarks/retrieval.py --out benchmarks/out/retrieval.json
 	$(PY) benchmarks/shard.py --out benchmarks/out/shard.json
+	$(PIP) install --quiet -e '.[bench]'
+	$(PY) benchmarks/decoders.py --out benchmarks/out/decoders.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
