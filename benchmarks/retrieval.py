@@ -39,7 +39,7 @@ class StraightforwardRetrieval(nn.Module):
         super().__init__()
         grids = fast.grids
         self.layout = grids.layout
-        self.scales = [float(s) for s in grids.scale]
+        self.scales = [level.scale for level in grids.levels]
         self.tables = nn.ParameterList(
             nn.Parameter(grids.tables.detach()[:, off : off + n].clone())
             for off, n in zip(self.layout.offsets, self.layout.entries)

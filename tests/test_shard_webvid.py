@@ -3,8 +3,6 @@
 import io
 import json
 import random
-import sys
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -13,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brics_cli.cli import main
 from brics_cli.data import webvid
 from brics_cli.data.images import ImageSkip, crop_resize
+from test_shard import read_shards, run_cli
 
 ORDER_2M = ["videoid", "name", "page_idx", "page_dir", "duration", "contentUrl"]
 ORDER_10M = ["videoid", "contentUrl", "duration", "page_dir", "name"]
@@ -81,28 +79,6 @@ def write_csv(path: Path, columns: list[str], rows: list[tuple[str, str]]) -> Pa
 
 TRAIN_ROWS = [(v, GOOD[v][0]) for v in ("1001", "1002", "1003")] + [(v, BAD[v][0]) for v in BAD] + [("1004", GOOD["1004"][0])]
 VAL_ROWS = [("1004", GOOD["1004"][0]), ("1001", GOOD["1001"][0])]
-
-
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["brics", *map(str, args)])
-    monkeypatch.delenv("BRICS_DEBUG", raising=False)
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def read_shards(out: Path) -> dict[str, dict[str, bytes]]:
-    samples = {}
-    for tar_path in sorted(out.glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                samples.setdefault(f"{tar_path.name.split('-')[0]}/{key}", {})[ext] = tar.extractfile(member).read()
-    return samples
 
 
 def sequential_frames(path: Path) -> list[Image.Image]:

@@ -31,6 +31,11 @@ def _options(resolution, resize_filter, fmt, quality, shard_size, seed, small, e
     return ShardOptions(resolution, resize_filter, fmt, quality, shard_size, seed, small, tuple(sorted(extra.items())))
 
 
+def _val_count(val_count: int | None, val_fraction: float, n_items: int) -> int:
+    """--val-count if given, else --val-fraction of the items."""
+    return val_count if val_count is not None else int(round(val_fraction * n_items))
+
+
 def _run(out: Path, splits, process, options, source, workers: int, overwrite: bool, json_output: bool) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -110,10 +115,10 @@ def shard_folder(
 
     if not root.is_dir():
         raise ConfigError(f"folder not found: {root}")
-    items = list_folder(root)[:max_images] if max_images else list_folder(root)
+    items = list_folder(root)[: max_images or None]
     if not items:
         raise ConfigError(f"no files under {root}")
-    n_val = val_count if val_count is not None else int(round(val_fraction * len(items)))
+    n_val = _val_count(val_count, val_fraction, len(items))
     options = _options(resolution, resize_filter, fmt, quality, shard_size, seed, small, {"val_count": n_val})
     splits = split_items(items, n_val, seed)
     source = {"type": "folder", "path": str(root.resolve()), "files": len(items)}
@@ -169,14 +174,14 @@ def shard_lsun(
     from brics_cli.data.sources import split_items
     from brics_cli.errors import ConfigError
 
-    items = list_lsun(lmdb_dir)[:max_images] if max_images else list_lsun(lmdb_dir)
+    items = list_lsun(lmdb_dir)[: max_images or None]
     if val_lmdb is not None:
         if val_count:
             raise ConfigError("--val-count and --val-lmdb exclude each other: with --val-lmdb, val is that whole LMDB")
         splits = {"train": items, "val": list_lsun(val_lmdb)}
         n_val = len(splits["val"])
     else:
-        n_val = val_count if val_count is not None else int(round(val_fraction * len(items)))
+        n_val = _val_count(val_count, val_fraction, len(items))
         splits = split_items(items, n_val, seed)
     options = _options(resolution, resize_filter, fmt, quality, shard_size, seed, small, {"val_count": n_val})
     source = {
@@ -221,7 +226,7 @@ def shard_ffhq(
     images = [it for it in items if not it.skip][: max_images or None]
     extra = {"split": split}
     if split == "random":
-        extra["val_count"] = val_count if val_count is not None else int(round(val_fraction * len(images)))
+        extra["val_count"] = _val_count(val_count, val_fraction, len(images))
     options = _options(resolution, resize_filter, fmt, quality, shard_size, seed, small, extra)
     splits = ffhq_splits(images + [it for it in items if it.skip], split, extra.get("val_count", 0), seed)
     source = {

@@ -182,16 +182,6 @@ def weight_derivatives(frac: Tensor) -> list[Tensor]:
     return out
 
 
-def cell_positions(q: Tensor, layout: GridLayout, scale: Tensor, max_lo: Tensor) -> tuple[Tensor, Tensor]:
-    """Queries (..., d) in [0,1] -> lower corner (..., L, d) int64 and fraction (..., L, d)."""
-    pos = q.unsqueeze(-2) * scale[:, None]  # (..., L, d)
-    if layout.position == "ngp":
-        pos = pos + 0.5
-    lo = torch.floor(pos).clamp_(min=0)
-    lo = torch.minimum(lo, max_lo[:, None])  # q = 1 with an integer r_l sits on the last vertex
-    return lo.long(), pos - lo
-
-
 @dataclass(frozen=True)
 class _Level:
     """What the interpolation needs of one level: its one-level layout, scale and first table row."""
@@ -281,11 +271,6 @@ class MultiResolutionGrids(nn.Module):
         self.tables = nn.Parameter(
             torch.empty(groups, self.layout.total_entries, cfg.features).uniform_(-cfg.init_scale, cfg.init_scale)
         )
-        scale = torch.tensor(self.layout.resolutions, dtype=torch.float64)  # cast per call
-        if cfg.position == "ngp":
-            scale = scale - 1
-        self.register_buffer("scale", scale, persistent=False)
-        self.register_buffer("max_lo", torch.tensor([v - 2 for v in self.layout.vertices], dtype=torch.float32), persistent=False)
         self.levels = _levels(self.layout)
 
     @property
@@ -301,17 +286,11 @@ class MultiResolutionGrids(nn.Module):
     @torch.no_grad()
     def usage(self, q: Tensor, level: int = -1, chunk: int = 1 << 16) -> Tensor:
         """Fraction of table rows of `level` touched (with non-zero weight) by queries q, per group."""
-        level = level % len(self.layout.entries)
-        scale, max_lo = self.scale[level : level + 1], self.max_lo[level : level + 1]
-        one_level = GridLayout(
-            self.layout.dims, self.layout.resolutions[level : level + 1], self.layout.vertices[level : level + 1],
-            self.layout.entries[level : level + 1], (0,), self.layout.table_size, self.layout.position,
-        )
-        hits = torch.zeros(q.shape[0], one_level.entries[0], dtype=torch.bool, device=q.device)
+        lv = self.levels[level]
+        hits = torch.zeros(q.shape[0], lv.layout.entries[0], dtype=torch.bool, device=q.device)
         for start in range(0, q.shape[1], chunk):
-            lo, frac = cell_positions(q[:, start : start + chunk].to(scale.dtype), one_level, scale, max_lo)
-            idx = self.index_fn(lo, one_level)[..., 0, :]  # (G, n, K)
-            w = corner_weights(frac)[..., 0, :]
+            idx, frac = _level_corners(q[:, start : start + chunk].to(self.tables.dtype), lv, self.index_fn, 0)
+            w = corner_weights(frac)  # (G, n, K)
             for g in range(q.shape[0]):
                 hits[g, idx[g][w[g] > 0]] = True
         return hits.float().mean(1)

@@ -25,10 +25,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from brics_cli.models.encoder import AttnBlock, ResnetBlock, group_norm  # shared with the encoder
 from brics_cli.registry import DECODERS
 
 NUM_GROUPS = 32
@@ -62,48 +62,10 @@ class VQGANDecoderConfig:
             raise ValueError(f"decoder dropout must be in [0, 1), got {self.dropout}")
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(NUM_GROUPS, channels, eps=1e-6, affine=True)
-
-
-class ResBlock(nn.Module):
-    """GN + swish + conv3x3, GN + swish + dropout + conv3x3, plus a (1x1-projected) shortcut."""
-
-    def __init__(self, in_ch: int, out_ch: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.norm1 = _norm(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = _norm(out_ch)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))  # (B, out, H, W)
-        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return skip + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all H*W positions, 1x1 q/k/v/proj convs, residual."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.norm = _norm(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        y = self.norm(x)
-        # (B, C, H, W) -> (B, 1, HW, C): one head of width C; softmax(q k^T / sqrt(C)) v
-        q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3) for t in (self.q(y), self.k(y), self.v(y)))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
-        out = out.transpose(2, 3).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+def ResBlock(in_ch: int, out_ch: int, dropout: float = 0.0) -> ResnetBlock:
+    """GN + swish + conv3x3, GN + swish + dropout + conv3x3, plus a (1x1-projected) shortcut:
+    the same block as brics' VQGAN-style encoder."""
+    return ResnetBlock(in_ch, out_ch, "silu", dropout)
 
 
 class Upsample(nn.Module):
@@ -180,7 +142,7 @@ class VQGANDecoder(nn.Module):
             block_in = chans[i]
             res = res * 2 if i != 0 else res
         self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(block_in)
+        self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
 
     def forward(self, f: Tensor) -> Tensor:
