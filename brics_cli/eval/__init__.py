@@ -1,0 +1,1 @@
+"""Evaluation: reconstruction metrics, generative metrics, offline weight files, nearest-neighbour search."""

@@ -1,0 +1,186 @@
+"""Reconstruction metrics of Table 2: PSNR, SSIM and LPIPS per image, reported as mean and std.
+
+Images are float tensors (B, 3, H, W) in [-1, 1], as the autoencoder sees them. PSNR uses
+data_range = 2 (the span of [-1, 1]): the same number as data_range = 1 on [0, 1] images. SSIM is
+torchmetrics' (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03), the library the paper names
+(Suppl. F), computed on the images mapped to [0, 1] with data_range = 1 -- the standard definition;
+torchmetrics averages over every pixel, borders mirrored (scikit-image drops a 5-pixel border, so it
+differs in the third decimal). SSIM is not shift-invariant (its luminance term compares means), so
+the authors' code, which fed [-1, 1] images to torchmetrics, reports different SSIM values. LPIPS is the `lpips` package (PerceptualSimilarity, v0.1 linear layers)
+with the AlexNet backbone for evaluation, as in the authors' code. std is the population std
+(ddof = 0) over images, Table 2's "mean +- std".
+
+The LPIPS backbones are torchvision's ImageNet weights; `lpips.LPIPS(pretrained=True)` would
+download them, so `load_lpips` builds the network with `pnet_rand=True` (random backbone, nothing
+downloaded) and then loads the backbone from the local file `weights.require` finds.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from brics_cli.eval.weights import WeightsMissing, WeightsMismatch, require
+
+DATA_RANGE = 2.0  # images in [-1, 1]
+LPIPS_BACKBONES = {"alex": "alexnet", "vgg": "vgg16"}  # lpips net name -> weight file name
+VGG16_LAYERS = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22, "relu5_3": 29}  # index in vgg16.features
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of (B, 3, H, W) images in [-1, 1] -> (B,)."""
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(DATA_RANGE**2 / mse)).float()  # identical images give +inf
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (torchmetrics, Gaussian 11x11, sigma 1.5) of (B, 3, H, W) images in [-1, 1] -> (B,)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    # On [0, 1] with data_range 1: the standard SSIM (the luminance term is not shift-invariant).
+    x01, y01 = (x.float() + 1) / 2, (y.float() + 1) / 2
+    return structural_similarity_index_measure(x01, y01, data_range=1.0, reduction="none")
+
+
+def summarise(values: Sequence[float] | torch.Tensor) -> dict:
+    """{"mean", "std"} over images (population std)."""
+    t = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if t.numel() == 0:
+        return {"mean": None, "std": None}
+    return {"mean": t.mean().item(), "std": t.std(correction=0).item()}
+
+
+def _load_torchvision(arch: str, weight_name: str, device) -> nn.Module:
+    import torchvision
+
+    path = require(weight_name)
+    with torch.device("meta"):  # no random init of weights that are replaced at once (seconds for VGG16)
+        model = getattr(torchvision.models, arch)(weights=None)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), assign=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_lpips(net: str = "alex", device: str | torch.device = "cpu") -> nn.Module:
+    """LPIPS with the `net` backbone loaded from the local torchvision file; raises WeightsMissing, never downloads."""
+    import lpips
+
+    if net not in LPIPS_BACKBONES:
+        raise ValueError(f"LPIPS net must be one of {', '.join(LPIPS_BACKBONES)}, got {net!r}")
+    require(f"lpips-lin-{net}")
+    backbone = _load_torchvision("alexnet" if net == "alex" else "vgg16", LPIPS_BACKBONES[net], "cpu").features
+    with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=False`
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    # lpips splits torchvision's `features` into slices whose children keep their original index as name.
+    for slice_ in (getattr(model.net, f"slice{i}") for i in range(1, 6)):
+        for index, layer in slice_.named_children():
+            layer.load_state_dict(backbone[int(index)].state_dict())
+    return model.to(device).eval().requires_grad_(False)
+
+
+def try_load_lpips(net: str = "alex", device: str | torch.device = "cpu") -> tuple[nn.Module | None, str | None]:
+    """(model, None), or (None, reason) when a weight file is missing or wrong -- for `lpips_unavailable`."""
+    try:
+        return load_lpips(net, device), None
+    except (WeightsMissing, WeightsMismatch) as exc:
+        return None, str(exc)
+
+
+class VGG16Features(nn.Module):
+    """Frozen torchvision VGG16 activations at named ReLU layers, for perceptual losses.
+
+    Input (B, 3, H, W) in [-1, 1]; it is mapped to [0, 1], normalised with the ImageNet mean/std and,
+    if `resize` is set, bilinearly resized to resize x resize first (the authors' VGG-L1 loss uses 224).
+    Output: a list of (B, C_l, H_l, W_l) activations in the order of `layers`.
+    """
+
+    def __init__(self, features: nn.Sequential, layers: Sequence[str], resize: int | None):
+        super().__init__()
+        unknown = [name for name in layers if name not in VGG16_LAYERS]
+        if unknown:
+            raise ValueError(f"unknown VGG16 layer(s) {unknown}; known: {', '.join(VGG16_LAYERS)}")
+        self.indices = [VGG16_LAYERS[name] for name in layers]
+        self.features = features[: max(self.indices) + 1]
+        self.resize = resize
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.resize is not None:
+            x = nn.functional.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
+        h = ((x + 1) / 2 - self.mean) / self.std
+        outputs = []
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in self.indices:
+                outputs.append(h)
+        return [outputs[sorted(self.indices).index(i)] for i in self.indices]
+
+
+def vgg16_features(
+    layers: Sequence[str] = ("relu1_2", "relu2_2", "relu3_3", "relu4_3"),
+    resize: int | None = None,
+    device: str | torch.device = "cpu",
+) -> VGG16Features:
+    """VGG16 feature extractor with the ImageNet weights from the local `vgg16-397923af.pth` (require("vgg16"))."""
+    vgg = _load_torchvision("vgg16", "vgg16", "cpu")
+    return VGG16Features(vgg.features, layers, resize).to(device).eval().requires_grad_(False)
+
+
+class ReconstructionMeter:
+    """Accumulates per-image PSNR, SSIM and (optionally) LPIPS over batches; `result()` gives the JSON shape."""
+
+    def __init__(self, lpips_model: nn.Module | None = None, lpips_unavailable: str | None = None):
+        self.lpips_model = lpips_model
+        self.lpips_unavailable = lpips_unavailable or (None if lpips_model is not None else "no LPIPS model given")
+        self.values: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
+
+    @torch.no_grad()
+    def update(self, inputs: torch.Tensor, recons: torch.Tensor) -> None:
+        if inputs.shape != recons.shape or inputs.dim() != 4 or inputs.shape[1] != 3:
+            raise ValueError(f"expected two (B, 3, H, W) batches of equal shape, got {tuple(inputs.shape)} and {tuple(recons.shape)}")
+        recons = recons.clamp(-1, 1)
+        self.values["psnr"] += psnr(recons, inputs).tolist()
+        self.values["ssim"] += ssim(recons, inputs).tolist()
+        if self.lpips_model is not None:
+            device = next(self.lpips_model.parameters()).device
+            d = self.lpips_model(recons.to(device).float(), inputs.to(device).float())  # (B, 1, 1, 1)
+            self.values["lpips"] += d.flatten().cpu().tolist()
+
+    def result(self) -> dict:
+        finite_psnr = [v for v in self.values["psnr"] if math.isfinite(v)]
+        out = {
+            "n": len(self.values["psnr"]),
+            "psnr": summarise(finite_psnr),
+            "ssim": summarise(self.values["ssim"]),
+            "lpips": summarise(self.values["lpips"]) if self.lpips_model is not None else None,
+        }
+        if len(finite_psnr) < out["n"]:
+            out["psnr_identical"] = out["n"] - len(finite_psnr)  # infinite PSNR, left out of the mean
+        if self.lpips_model is None:
+            out["lpips_unavailable"] = self.lpips_unavailable
+        return out
+
+
+def reconstruction_metrics(
+    inputs: torch.Tensor | Iterable[torch.Tensor],
+    recons: torch.Tensor | Iterable[torch.Tensor],
+    lpips_model: nn.Module | None = None,
+    lpips_unavailable: str | None = None,
+) -> dict:
+    """`{"n", "psnr": {"mean", "std"}, "ssim": {...}, "lpips": {...} | None, "lpips_unavailable": reason}`.
+
+    `inputs` and `recons` are (N, 3, H, W) tensors in [-1, 1] or matching iterables of such batches.
+    """
+    meter = ReconstructionMeter(lpips_model, lpips_unavailable)
+    if isinstance(inputs, torch.Tensor):
+        inputs, recons = [inputs], [recons]
+    for x, y in zip(inputs, recons, strict=True):
+        meter.update(x, y)
+    return meter.result()
