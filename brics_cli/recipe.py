@@ -12,6 +12,7 @@ from pathlib import Path
 from brics_cli.config import load_config
 from brics_cli.data.config import DataConfig
 from brics_cli.models.autoencoder import AutoencoderConfig
+from brics_cli.train.ae import AETrainConfig
 from brics_cli.train.losses import AELossConfig
 from brics_cli.train.optim import AEOptimConfig
 
@@ -25,6 +26,7 @@ class RunConfig:
 class AEStageConfig(AutoencoderConfig):
     loss: AELossConfig = field(default_factory=AELossConfig)
     optim: AEOptimConfig = field(default_factory=AEOptimConfig)
+    train: AETrainConfig = field(default_factory=AETrainConfig)
 
 
 @dataclass

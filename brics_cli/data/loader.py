@@ -144,5 +144,8 @@ def make_loader(
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=cfg.workers, drop_last=split == "train",
         persistent_workers=False, multiprocessing_context="fork" if cfg.workers > 0 else None,
+        # Its own generator: creating an iterator then never draws from the global torch RNG, so a
+        # resumed run's model noise continues exactly where the uninterrupted run's would be.
+        generator=torch.Generator().manual_seed(seed),
     )
     return loader, dataset

@@ -207,7 +207,9 @@ def _levels(layout: GridLayout) -> tuple[_Level, ...]:
 def _level_corners(q: Tensor, level: _Level, index_fn, group_rows: Tensor) -> tuple[Tensor, Tensor]:
     """Rows of the flat (G * E, C) table for the 2^d corners (G, N, K), and the cell fractions (G, N, d)."""
     pos = q * level.scale + level.shift  # (G, N, d)
-    lo = torch.floor(pos).clamp_(0, level.max_lo)  # q = 1 with an integer r_l sits on the last vertex
+    # q = 1 with an integer r_l sits on the last vertex. A non-finite key gets a valid row but keeps
+    # its NaN fraction, so the features (and the loss) turn NaN instead of an index error.
+    lo = torch.nan_to_num(torch.floor(pos), nan=0.0).clamp_(0, level.max_lo)
     idx = index_fn(lo.long().unsqueeze(-2), level.layout).squeeze(-2)  # (G, N, K)
     return idx + group_rows, pos - lo
 
@@ -284,13 +286,18 @@ class MultiResolutionGrids(nn.Module):
             return _Interpolate.apply(self.tables, q, self.levels, self.index_fn)
 
     @torch.no_grad()
-    def usage(self, q: Tensor, level: int = -1, chunk: int = 1 << 16) -> Tensor:
-        """Fraction of table rows of `level` touched (with non-zero weight) by queries q, per group."""
+    def hit_counts(self, q: Tensor, level: int = -1, chunk: int = 1 << 16) -> Tensor:
+        """(G, entries) int64: how many interpolations of queries q use each row of `level` with non-zero weight."""
         lv = self.levels[level]
-        hits = torch.zeros(q.shape[0], lv.layout.entries[0], dtype=torch.bool, device=q.device)
+        counts = torch.zeros(q.shape[0], lv.layout.entries[0], dtype=torch.long, device=q.device)
         for start in range(0, q.shape[1], chunk):
             idx, frac = _level_corners(q[:, start : start + chunk].to(self.tables.dtype), lv, self.index_fn, 0)
             w = corner_weights(frac)  # (G, n, K)
             for g in range(q.shape[0]):
-                hits[g, idx[g][w[g] > 0]] = True
-        return hits.float().mean(1)
+                rows = idx[g][w[g] > 0]
+                counts[g].index_add_(0, rows, torch.ones_like(rows))
+        return counts
+
+    def usage(self, q: Tensor, level: int = -1, chunk: int = 1 << 16) -> Tensor:
+        """Fraction of table rows of `level` touched (with non-zero weight) by queries q, per group."""
+        return (self.hit_counts(q, level, chunk) > 0).float().mean(1)

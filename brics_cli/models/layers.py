@@ -148,7 +148,14 @@ class ModulatedConv2d(nn.Module):
             weight = weight * d
         return weight
 
-    def forward(self, x: Tensor, w: Tensor) -> Tensor:
+    def forward(self, x: Tensor, w: Tensor, fused: bool | None = None) -> Tensor:
+        """fused: one grouped conv with per-sample weights; otherwise scale the activations, run one
+        shared-weight conv and scale the outputs (equal maths, StyleGAN2-ADA's `fused_modconv=False`),
+        which is faster whenever gradients are needed. None: fused only without autograd."""
+        if fused is None:
+            fused = not torch.is_grad_enabled()
+        if not fused:
+            return self._forward_unfused(x, w)
         B, C, H, W = x.shape  # (B, in, H, W); w: (B, style_dim)
         weight = self.modulated_weight(w)  # (B, out, in, k, k)
         x = x.reshape(1, B * C, H, W)  # fold the batch into channels: one grouped conv for all samples
@@ -165,6 +172,20 @@ class ModulatedConv2d(nn.Module):
             weight = weight.reshape(B * self.out_ch, C, self.kernel, self.kernel)  # (B*out, in, k, k)
             x = F.conv2d(x, weight, padding=self.kernel // 2, groups=B)  # (1, B*out, H, W)
         return x.reshape(B, self.out_ch, x.shape[2], x.shape[3])  # (B, out, H', W')
+
+    def _forward_unfused(self, x: Tensor, w: Tensor) -> Tensor:
+        s = self.affine(w)  # (B, in)
+        weight = self.weight[0] * self.weight_gain  # (out, in, k, k), shared by the batch
+        x = x * s[:, :, None, None]
+        if self.upsample:
+            x = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2, padding=0)
+            x = blur(x, pad=(1, 1), gain=4.0)
+        else:
+            x = F.conv2d(x, weight, padding=self.kernel // 2)
+        if self.demodulate:  # sum_{i,k} (s_i w_oik)^2 = (s^2) @ (sum_k w_oik^2)^T
+            d = torch.rsqrt(s.square() @ weight.square().sum(dim=(2, 3)).t() + 1e-8)  # (B, out)
+            x = x * d[:, :, None, None]
+        return x
 
     def extra_repr(self) -> str:
         return (

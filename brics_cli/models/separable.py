@@ -55,7 +55,7 @@ def axis_weights(level: _Level, n: int, device, dtype) -> Tensor:
     """(n, V) matrix: row j holds the two linear weights of pixel centre (j + 0.5) / n at this level."""
     V = level.layout.vertices[0]
     pos = (torch.arange(n, device=device, dtype=torch.float64) + 0.5) / n * level.scale + level.shift
-    lo = torch.floor(pos).clamp_(0, level.max_lo)
+    lo = torch.nan_to_num(torch.floor(pos), nan=0.0).clamp_(0, level.max_lo)  # NaN keys: NaN features, valid rows
     frac = pos - lo
     m = torch.zeros(n, V, device=device, dtype=torch.float64)
     rows = torch.arange(n, device=device)
@@ -216,7 +216,7 @@ def _key_corners(keys_t: Tensor, level: _Level, V: int, pixel_rows: Tensor) -> t
     """Rows of the lower key corners along k_0 (Kc / 2, M) in the per-pixel tables, and fractions (C_key, M)."""
     C_key = keys_t.shape[0]
     pos = keys_t * level.scale + level.shift
-    lo = torch.floor(pos).clamp_(0, level.max_lo)
+    lo = torch.nan_to_num(torch.floor(pos), nan=0.0).clamp_(0, level.max_lo)  # NaN keys: NaN features, valid rows
     frac = pos - lo
     lo = lo.long()
     strides = [V**i for i in range(C_key)]

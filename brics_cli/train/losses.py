@@ -49,3 +49,20 @@ def gradient_penalty(discriminator: Callable[[Tensor], Tensor], real: Tensor, fa
     scores = discriminator(x_hat)
     (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
     return (grad.flatten(1).norm(dim=1) - 1).square().mean()
+
+
+def logistic_generator_loss(fake_scores: Tensor) -> Tensor:
+    """Non-saturating logistic loss (StyleGAN2, the authors' code): E[softplus(-D(fake))]."""
+    return torch.nn.functional.softplus(-fake_scores).mean()
+
+
+def logistic_discriminator_loss(real_scores: Tensor, fake_scores: Tensor) -> Tensor:
+    """E[softplus(D(fake))] + E[softplus(-D(real))]."""
+    return torch.nn.functional.softplus(fake_scores).mean() + torch.nn.functional.softplus(-real_scores).mean()
+
+
+def r1_penalty(discriminator: Callable[[Tensor], Tensor], real: Tensor) -> Tensor:
+    """E[||grad_x D(real)||^2] (Mescheder et al. 2018); the caller weights it by gamma / 2."""
+    x = real.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(discriminator(x).sum(), x, create_graph=True)
+    return grad.square().flatten(1).sum(1).mean()

@@ -1,0 +1,76 @@
+"""`brics reconstruct`: reconstructions, grid.png and metrics.json (PSNR / SSIM / LPIPS, Table 2)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from brics_cli.cli.output import emit_json
+
+
+def newest_ae_run(root: Path = Path("runs")) -> Path | None:
+    """The ae run folder under `root` whose newest checkpoint is the most recent."""
+    found = sorted(root.glob("**/checkpoints/step-*.safetensors"), key=lambda p: p.stat().st_mtime)
+    found = [p for p in found if (p.parent.parent / "config.yaml").is_file() and p.parent.parent.name == "ae"]
+    return found[-1].parent.parent if found else None
+
+
+def reconstruct(
+    input: Path = typer.Option(..., "--input", help="Shard folder (its val split by default) or a folder of images."),
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    run: Optional[Path] = typer.Option(None, "--run", help="An ae run folder (default: the newest under runs/)."),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="A checkpoint file (instead of --run)."),
+    n: Optional[int] = typer.Option(None, "--n", help="At most this many images (default: all)."),
+    batch: int = typer.Option(16, "--batch", help="Images per forward pass."),
+    split: Optional[str] = typer.Option(None, "--split", help="Shard split: val or train (default: val if present)."),
+    usage: bool = typer.Option(False, "--usage", help="Per-group grid usage and its histogram usage.png (Fig. 4b)."),
+    no_ema: bool = typer.Option(False, "--no-ema", help="Use the raw weights instead of the EMA."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    json_output: bool = typer.Option(False, "--json", help="Print metrics.json as one JSON object on stdout."),
+) -> None:
+    """Encode and decode images with a trained autoencoder; PSNR/SSIM/LPIPS as mean and std (Table 2).
+
+    LPIPS uses AlexNet (as the paper) when its weights are present; otherwise it is reported as
+    unavailable with the reason (`brics weights status`).
+    """
+    from brics_cli.errors import BricsError
+    from brics_cli.eval.reconstruct import reconstruct as run_reconstruct
+    from brics_cli.train.ae import find_checkpoint, load_autoencoder
+    from brics_cli.train.runtime import resolve_device
+
+    if run is not None and ckpt is not None:
+        raise BricsError("give --run or --ckpt, not both")
+    if ckpt is None:
+        if run is None:
+            run = newest_ae_run()
+            if run is None:
+                raise BricsError("no ae run found under runs/; pass --run DIR or --ckpt FILE (train one with `brics ae-train`)")
+            print(f"using the newest ae run: {run}", file=sys.stderr)
+        ckpt = find_checkpoint(run)
+    dev = resolve_device(device)
+    model, meta = load_autoencoder(ckpt, ema=not no_ema, device=dev)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]reconstruct[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(file=sys.stderr), transient=True) as bar:
+        task = bar.add_task("reconstruct", total=n)
+        result = run_reconstruct(model, ckpt, input, out, n=n, batch=batch, split=split, usage=usage, device=dev,
+                                 progress=lambda k: bar.advance(task, k))
+    if json_output:
+        emit_json(result)
+        return
+    line = (f"{result['n']} images from {input} (step {meta['step']}{'' if no_ema else ', EMA'}): "
+            f"PSNR {result['psnr']['mean']:.2f} +- {result['psnr']['std']:.2f} dB, "
+            f"SSIM {result['ssim']['mean']:.4f} +- {result['ssim']['std']:.4f}")
+    if result["lpips"] is not None:
+        line += f", LPIPS {result['lpips']['mean']:.4f} +- {result['lpips']['std']:.4f}"
+    else:
+        line += " (LPIPS unavailable: see metrics.json)"
+    print(line)
+    if "usage" in result:
+        print("grid usage per group: " + ", ".join(f"{100 * u:.1f}%" for u in result["usage"]))
+    print(f"wrote {out}/grid.png, metrics.json" + (", usage.png" if usage else ""))

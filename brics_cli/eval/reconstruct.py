@@ -1,0 +1,193 @@
+"""`brics reconstruct`: images -> key codes -> images with a trained autoencoder, measured as Table 2.
+
+Deterministic: the model runs in eval mode, so no relaxed-precision noise and no KL sampling.
+Output folder:
+
+    inputs/000000.png ...   the images as the model saw them (cropped/resized to its resolution)
+    recon/000000.png ...    their reconstructions (same names)
+    grid.png                the first images (top) over their reconstructions (bottom)
+    metrics.json            {"n", "psnr", "ssim", "lpips" | null, "lpips_unavailable"?, "usage"?}
+    usage.png               (--usage) per group: how often each finest-level grid entry is hit (Fig. 4b)
+    manifest.json           checkpoint, its sha256, input, keys of the images, package version
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from brics_cli import __version__
+from brics_cli.data.config import DataConfig
+from brics_cli.errors import BricsError
+from brics_cli.models.keycode import key_queries, tile_key_codes
+from brics_cli.train.checkpoint import atomic_write_bytes, atomic_write_json, file_sha256
+from brics_cli.train.loop import save_image_grid
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def to_png(image: torch.Tensor) -> bytes:
+    """(3, H, W) in [-1, 1] -> PNG bytes (rounded to 8 bits)."""
+    array = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def folder_images(folder: Path, resolution: int, skipped: dict[str, int]) -> Iterator[tuple[torch.Tensor, str]]:
+    """Images of a folder, centre-cropped and resized to the model's resolution; unreadable files are counted."""
+    from brics_cli.data.images import ImageSkip, center_crop_box, crop_resize, decode_rgb
+
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        try:
+            img, _ = decode_rgb(path.read_bytes())
+            img = crop_resize(img, center_crop_box(*img.size), resolution, small="upscale")
+        except (ImageSkip, OSError) as exc:
+            category = getattr(exc, "category", "unreadable")
+            skipped[category] = skipped.get(category, 0) + 1
+            continue
+        array = np.asarray(img, dtype=np.float32)
+        yield torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0, path.relative_to(folder).as_posix()
+
+
+def shard_images(shards: Path, resolution: int, split: str | None) -> tuple[Iterator[tuple[torch.Tensor, str]], str, Any]:
+    """Images of a shard folder's `split` (default: val when there is one, else train), in shard order."""
+    from brics_cli.data.loader import ShardDataset
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    names = manifest.get("shards", {})
+    if split is None:
+        split = "val" if any(n.startswith("val-") for n in names) else "train"
+    cfg = replace(DataConfig(), shards=str(shards), resolution=resolution, workers=0, shuffle=0, flip=False)
+    dataset = ShardDataset(cfg, split)
+    return iter(dataset), split, dataset
+
+
+def usage_figure(counts: torch.Tensor, path: Path) -> None:
+    """One panel per group: histogram of hits per finest-level entry, with the fraction hit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = counts.shape[0]
+    cols = min(groups, 4)
+    rows = -(-groups // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for g in range(groups):
+        ax = axes[g // cols][g % cols]
+        c = counts[g].cpu().numpy()
+        ax.hist(c, bins=min(50, max(int(c.max()) + 1, 2)), color="#3b75af")
+        ax.set_title(f"group {g}: {100 * (c > 0).mean():.1f}% hit", fontsize=9)
+        ax.set_xlabel("hits per entry", fontsize=8)
+        ax.set_ylabel("entries", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for k in range(groups, rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    fig.suptitle("finest-level grid entry hits (cf. paper Fig. 4b)", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+@torch.no_grad()
+def reconstruct(
+    model,
+    checkpoint: Path,
+    source: Path,
+    out: Path,
+    *,
+    n: int | None = None,
+    batch: int = 16,
+    split: str | None = None,
+    usage: bool = False,
+    lpips_net: str = "alex",
+    grid_images: int = 8,
+    device: torch.device = torch.device("cpu"),
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Reconstruct up to n images of `source` (shard folder or image folder) into `out`; returns metrics."""
+    from brics_cli.eval.recon import ReconstructionMeter, try_load_lpips
+
+    resolution = model.resolution
+    skipped: dict[str, int] = {}
+    dataset = None
+    if (source / "manifest.json").is_file():
+        images, split, dataset = shard_images(source, resolution, split)
+    elif source.is_dir():
+        images = folder_images(source, resolution, skipped)
+    else:
+        raise BricsError(f"--input {source}: neither a shard folder (with manifest.json) nor a folder of images")
+    lpips_model, reason = try_load_lpips(lpips_net, device)
+    meter = ReconstructionMeter(lpips_model, reason)
+    counts = None
+    keys: list[str] = []
+    shown: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for folder in ("inputs", "recon"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+
+    def flush(xs: list[torch.Tensor]) -> None:
+        nonlocal counts
+        x = torch.stack(xs).to(device)
+        z, _ = model.encode(x)
+        recon = model.decode(z).float().clamp(-1, 1)
+        meter.update(x, recon)
+        if usage:
+            cfg = model.cfg
+            z_hat = tile_key_codes(z, (cfg.features.resolution,) * 2, cfg.code.tiling)
+            c = model.retrieval.grids.hit_counts(key_queries(z_hat, cfg.code.key_channels))
+            counts = c if counts is None else counts + c
+        for i in range(x.shape[0]):
+            index = len(keys) - len(xs) + i
+            atomic_write_bytes(out / "inputs" / f"{index:06d}.png", to_png(x[i]))
+            atomic_write_bytes(out / "recon" / f"{index:06d}.png", to_png(recon[i]))
+            if len(shown) < grid_images:
+                shown.append((x[i].cpu(), recon[i].cpu()))
+        if progress is not None:
+            progress(x.shape[0])
+
+    pending: list[torch.Tensor] = []
+    for image, key in images:
+        if n is not None and len(keys) >= n:
+            break
+        keys.append(key)
+        pending.append(image)
+        if len(pending) == batch:
+            flush(pending)
+            pending = []
+    if pending:
+        flush(pending)
+    if not keys:
+        raise BricsError(f"--input {source}: no readable images" + (f" (skipped: {skipped})" if skipped else ""))
+    result = meter.result()
+    if usage and counts is not None:
+        result["usage"] = (counts > 0).float().mean(1).tolist()
+        usage_figure(counts, out / "usage.png")
+    if dataset is not None:
+        skipped["corrupt"] = dataset.skipped.count
+    result["skipped"] = {k: v for k, v in skipped.items() if v}
+    save_image_grid([torch.stack([a for a, _ in shown]), torch.stack([b for _, b in shown])], out / "grid.png")
+    atomic_write_json(out / "metrics.json", result)
+    atomic_write_json(out / "manifest.json", {
+        "command": "reconstruct",
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "input": str(source),
+        "split": split,
+        "count": len(keys),
+        "keys": keys,
+        "lpips_net": lpips_net if lpips_model is not None else None,
+        "brics_version": __version__,
+    })
+    return result

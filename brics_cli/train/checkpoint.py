@@ -1,0 +1,189 @@
+"""Checkpoints: one safetensors file per step, written atomically, the last K kept.
+
+A checkpoint `checkpoints/step-000200.safetensors` holds every tensor (model, EMA, discriminator,
+optimiser moments, RNG states) and, in the safetensors header's metadata, one JSON document
+(`brics` key) with the resolved config, the registry names and plugin versions the model used,
+the step, the optimisers' non-tensor state, Python RNG state and the data position. Loading
+never unpickles anything: safetensors holds raw tensors and the rest is JSON.
+
+Writes go to a temporary file in the same folder, are fsynced, renamed over the final name and
+the folder is fsynced, so a checkpoint either exists completely or not at all -- a `kill -9` in
+the middle leaves at most a `.tmp` file that the next save or load ignores and removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from brics_cli.errors import BricsError
+
+STEP_FILE = re.compile(r"^step-(\d{6,})\.safetensors$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is either the old or the new content, never partial."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Save tensors + a JSON document (metadata key `brics`) atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(contiguous, str(tmp), metadata={"brics": json.dumps(metadata)})
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The JSON document of a checkpoint, without reading its tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # not a safetensors file, truncated header, ...
+        raise BricsError(f"{path}: not a readable brics checkpoint ({exc})") from exc
+    if "brics" not in meta:
+        raise BricsError(f"{path}: a safetensors file without brics metadata (not written by brics)")
+    return json.loads(meta["brics"])
+
+
+def load_tensors(path: Path, prefix: str = "", device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Tensors whose key starts with `prefix` (prefix stripped); only those are read from disk."""
+    out = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        for key in f.keys():
+            if key.startswith(prefix):
+                out[key[len(prefix):]] = f.get_tensor(key)
+    return out
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class CheckpointDir:
+    """The `checkpoints/` folder of a run: save with pruning to the last `keep`, find the newest."""
+
+    def __init__(self, folder: Path, keep: int = 3) -> None:
+        self.folder = Path(folder)
+        self.keep = keep
+
+    def path(self, step: int) -> Path:
+        return self.folder / f"step-{step:06d}.safetensors"
+
+    def steps(self) -> list[int]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := STEP_FILE.match(p.name)))
+
+    def latest(self) -> Path | None:
+        steps = self.steps()
+        return self.path(steps[-1]) if steps else None
+
+    def save(self, step: int, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+        for stale in self.folder.glob(".step-*.tmp*") if self.folder.is_dir() else []:
+            stale.unlink(missing_ok=True)  # left by a process killed mid-write
+        path = self.path(step)
+        save_tensors_atomic(path, tensors, metadata)
+        for old in self.steps()[: -self.keep] if self.keep > 0 else []:
+            self.path(old).unlink(missing_ok=True)
+        return path
+
+
+# -- optimiser state: tensors to safetensors, the rest to JSON ------------------------------------
+
+
+def optimizer_state(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split `opt.state_dict()` into flat tensors `prefix.<param>.<name>` and a JSON-able rest."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}.{idx}.{name}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            idx, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    groups = meta["param_groups"]
+    for group in groups:  # JSON turns tuples into lists; Adam wants its betas as a tuple
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# -- RNG state ------------------------------------------------------------------------------------
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    import random
+
+    import numpy as np
+
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, *rest = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))

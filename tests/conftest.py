@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny real-photo shards made once per test session."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY_RECIPE = Path(__file__).parent / "recipes" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """32x32 crops of the demo photos: 64 training and 16 held-out images in 32-image shards."""
+    out = tmp_path_factory.mktemp("shards") / "tiny"
+    subprocess.run(
+        [sys.executable, "-m", "brics_cli", "shard", "demo", "--out", str(out), "--resolution", "32",
+         "--train-count", "64", "--val-count", "16", "--shard-size", "32"],
+        check=True, capture_output=True,
+    )
+    return out
