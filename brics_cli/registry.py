@@ -151,5 +151,9 @@ def _dist_suffix(entry: Entry) -> str:
 DECODERS: Registry = Registry("decoders")
 RETRIEVALS: Registry = Registry("retrievals")
 SOURCES: Registry = Registry("sources")
+SCHEDULES: Registry = Registry("schedules")  # diffusion noise schedules (brics_cli/diffusion/schedules.py)
+SAMPLERS: Registry = Registry("samplers")  # diffusion samplers, one shared signature (brics_cli/diffusion/samplers.py)
 
-ALL_REGISTRIES: dict[str, Registry] = {r.name: r for r in (DECODERS, RETRIEVALS, SOURCES)}
+ALL_REGISTRIES: dict[str, Registry] = {
+    r.name: r for r in (DECODERS, RETRIEVALS, SCHEDULES, SAMPLERS, SOURCES)
+}

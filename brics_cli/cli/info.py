@@ -18,7 +18,8 @@ def info(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Parameters and multiply-accumulates (torch.utils.flop_counter, MACs = FLOPs / 2) per component,
-    for one image at the recipe's resolution; `decode` = grids + retrieval (F_mlp) + decoder."""
+    for one image at the recipe's resolution; `decode` = grids + retrieval (F_mlp) + decoder; `unet` =
+    one denoising step of the diffusion UNet on one key code."""
     from brics_cli.config import to_dict
     from brics_cli.errors import ConfigError
     from brics_cli.recipe import load_recipe
@@ -30,7 +31,7 @@ def info(
     from brics_cli.models.summary import component_report, retrieval_training_memory
 
     try:
-        report = component_report(cfg.ae, cfg.data.resolution)
+        report = component_report(cfg.ae, cfg.data.resolution, unet=cfg.diffusion.model)
     except ValueError as exc:  # a combination of sizes the model cannot be built with
         raise ConfigError(f"{recipe}: {exc}") from exc
     result = {"recipe": str(recipe), "resolution": cfg.data.resolution, **report}
@@ -61,7 +62,8 @@ def _print_table(result: dict) -> None:
     table.add_column("params", justify="right")
     table.add_column("MACs", justify="right")
     for name, c in result["components"].items():
-        table.add_row(name, human_count(c["params"]), human_count(c["macs"]))
+        label = f"{name} (one step, {result['config']['ae']['code']['resolution']}^2 code)" if name == "unet" else name
+        table.add_row(label, human_count(c["params"]), human_count(c["macs"]))
     d = result["decode"]
     table.add_row("[bold]decode[/] (grids + retrieval + decoder)", human_count(d["params"]), human_count(d["macs"]), end_section=True)
     console = Console()

@@ -1,7 +1,8 @@
 """Parameter counts, multiply-accumulates and memory of the autoencoder's components (`brics info`).
 
 MACs are counted with torch.utils.flop_counter (FLOPs / 2) for one image at the recipe's resolution,
-with the per-image (gather) retrieval path.
+with the per-image (gather) retrieval path; the diffusion UNet's for one denoising step on one key
+code (H_z x W_z x C_z).
 The model is built on the `meta` device for counting, so even the 256x256 configurations cost no
 memory and no compute. The counter sees matrix products and convolutions; elementwise work (the
 d-linear interpolation, activations, noise, the [1,3,3,1] FIR blurs) is not counted, which is also
@@ -20,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from brics_cli.models.autoencoder import AutoencoderConfig, BRICSAutoencoder
 from brics_cli.models.discriminator import Discriminator
+from brics_cli.models.unet import UNet, UNetConfig
 
 
 def count_params(module: nn.Module) -> int:
@@ -33,8 +35,9 @@ def count_macs(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops() // 2
 
 
-def component_report(cfg: AutoencoderConfig, resolution: int) -> dict[str, Any]:
-    """{"components": {name: {"params", "macs"}}, "decode": {"params", "macs"}} for one image."""
+def component_report(cfg: AutoencoderConfig, resolution: int, unet: UNetConfig | None = None) -> dict[str, Any]:
+    """{"components": {name: {"params", "macs"}}, "decode": {"params", "macs"}} for one image; with
+    `unet`, also the diffusion UNet ("unet") for one step on one key code."""
     with torch.device("meta"):
         ae = BRICSAutoencoder(cfg, resolution).eval()
         # Count the per-image algorithm (gather the 2^d corners of each query). The separable path
@@ -55,6 +58,8 @@ def component_report(cfg: AutoencoderConfig, resolution: int) -> dict[str, Any]:
         "decoder": {"params": count_params(ae.decoder), "macs": count_macs(lambda: ae.decoder(f))},
         "discriminator": {"params": count_params(disc), "macs": count_macs(lambda: disc(x))},
     }
+    if unet is not None:
+        components["unet"] = unet_report(unet, cfg.code.channels, cfg.code.resolution)
     decode = {
         key: sum(components[name][key] for name in ("grids", "retrieval", "decoder")) for key in ("params", "macs")
     }
@@ -71,6 +76,15 @@ def component_report(cfg: AutoencoderConfig, resolution: int) -> dict[str, Any]:
         "static_bytes_per_group": layout.total_entries * cfg.grid.features * 4,
     }
     return {"components": components, "decode": decode, "grid": grid}
+
+
+def unet_report(cfg: UNetConfig, channels: int, resolution: int) -> dict[str, int]:
+    """{"params", "macs"} of the diffusion UNet for one step on one (channels, resolution, resolution) code."""
+    with torch.device("meta"):
+        net = UNet(cfg, channels, resolution).eval()
+        x = torch.zeros(1, channels, resolution, resolution)
+        logsnr = torch.zeros(1)
+    return {"params": count_params(net), "macs": count_macs(lambda: net(x, logsnr))}
 
 
 class _LiveBytes(TorchDispatchMode):

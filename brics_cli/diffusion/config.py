@@ -1,0 +1,122 @@
+"""The `diffusion` section of a recipe: UNet, schedule, optimiser, training and sampling (Suppl. A.5-A.6).
+
+    diffusion:
+      model:    {model_channels: 256, channel_mult: [1, 2, 3, 4], ...}     brics_cli/models/unet.py
+      schedule: {name: cosine-variant, start: 0.2, end: 1.0, tau: 1.5}     a SCHEDULES entry
+      optim:    {lr: 8.0e-4, warmup_steps: 10000, decay_steps: 1000000, ema: 0.9999, batch: 64}
+      train:    {steps, log_every, sample_every, checkpoint_every}
+      sample:   {sampler: ddpm, steps: 1000, eta: 0.0, clip_x0: true}      a SAMPLERS entry
+
+`schedule` is resolved through the registry by its `name` like `ae.decoder`: its other keys are the
+registered schedule's own Config dataclass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from brics_cli.errors import RegistryError
+from brics_cli.models.unet import UNetConfig
+from brics_cli.registry import SAMPLERS, SCHEDULES
+
+
+def _default_schedule() -> Any:
+    return SCHEDULES.get("cosine-variant").Config()  # Table 4's config (b), the paper's default
+
+
+@dataclass
+class DiffusionOptimConfig:
+    """Adam with linear warm-up and cosine decay, EMA of the weights (Suppl. A.6)."""
+
+    lr: float = 8e-4  # the paper; the authors' code trains with 8e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 10_000  # linear warm-up over the first 1e4 iterations
+    decay_steps: int = 1_000_000  # cosine decay over 1e6 iterations (training stops at 400k in the paper)
+    min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
+    ema: float = 0.9999  # EMA decay of the weights used for sampling; 0 = no EMA
+    batch: int = 64  # global batch
+    grad_clip: float | None = None  # max global gradient norm; null = no clipping
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"diffusion.optim.lr must be > 0, got {self.lr}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"diffusion.optim.betas must lie in [0, 1), got {list(self.betas)}")
+        if self.warmup_steps < 0 or self.decay_steps < 1:
+            raise ValueError("diffusion.optim.warmup_steps must be >= 0 and decay_steps >= 1")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"diffusion.optim.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"diffusion.optim.ema must lie in [0, 1), got {self.ema}")
+        if self.batch < 1:
+            raise ValueError(f"diffusion.optim.batch must be >= 1, got {self.batch}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"diffusion.optim.grad_clip must be > 0 or null, got {self.grad_clip}")
+
+
+@dataclass
+class DiffusionTrainConfig:
+    steps: int = 400_000  # the paper's 400k iterations
+    log_every: int = 100
+    sample_every: int = 10_000  # write a grid of samples from the EMA model
+    checkpoint_every: int = 10_000
+
+    def validate(self) -> None:
+        if min(self.steps, self.log_every, self.sample_every, self.checkpoint_every) < 1:
+            raise ValueError("diffusion.train.steps and the *_every intervals must be >= 1")
+
+
+@dataclass
+class DiffusionSampleConfig:
+    sampler: str = "ddpm"  # a SAMPLERS entry: ddpm (ancestral) or ddim
+    steps: int = 1000  # the authors sample with 1000 ancestral steps
+    eta: float = 0.0  # ddim only: 0 = deterministic, 1 = ancestral
+    clip_x0: bool = True  # clamp each x0 prediction to [-1, 1]
+
+    def validate(self) -> None:
+        if self.sampler not in SAMPLERS:
+            try:
+                SAMPLERS.get(self.sampler)
+            except RegistryError as exc:  # lists what exists and the closest name
+                raise ValueError(f"diffusion.sample.sampler: {exc}") from None
+        if self.steps < 1:
+            raise ValueError(f"diffusion.sample.steps must be >= 1, got {self.steps}")
+        if self.eta < 0 or (self.sampler == "ddpm" and self.eta != 0):
+            raise ValueError(f"diffusion.sample.eta must be >= 0 and applies to ddim only (got {self.eta} for {self.sampler})")
+
+
+@dataclass
+class DiffusionStageConfig:
+    model: UNetConfig = field(default_factory=UNetConfig)
+    schedule: Any = field(default_factory=_default_schedule, metadata={"registry": SCHEDULES})
+    optim: DiffusionOptimConfig = field(default_factory=DiffusionOptimConfig)
+    train: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
+    sample: DiffusionSampleConfig = field(default_factory=DiffusionSampleConfig)
+
+
+def lr_multiplier(cfg: DiffusionOptimConfig) -> Callable[[int], float]:
+    """step -> factor on cfg.lr, for `torch.optim.lr_scheduler.LambdaLR`.
+
+    Linear warm-up times a cosine over `decay_steps` counted from step 0, as the authors' trainer
+    composes them (a warm-up dampening on top of CosineAnnealingLR); flat at min_lr_ratio after.
+    """
+
+    def factor(step: int) -> float:
+        warmup = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+        progress = min(step, cfg.decay_steps) / cfg.decay_steps
+        cosine = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return warmup * cosine
+
+    return factor
+
+
+def build_optimizer(cfg: DiffusionOptimConfig, params: Any) -> tuple[Any, Any]:
+    """(Adam, LambdaLR) for the UNet's parameters; call `scheduler.step()` after every optimiser step."""
+    import torch
+
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
