@@ -13,7 +13,7 @@ import sys
 import typer
 
 from brics_cli import __version__
-from brics_cli.cli import ae_train, info, plugins, reconstruct, shard
+from brics_cli.cli import ae_train, diffusion_train, info, plugins, reconstruct, sample, shard
 from brics_cli.errors import BricsError
 
 app = typer.Typer(
@@ -45,6 +45,8 @@ def _root(
 app.command("info")(info.info)
 app.command("ae-train")(ae_train.ae_train)
 app.command("reconstruct")(reconstruct.reconstruct)
+app.command("diffusion-train")(diffusion_train.diffusion_train)
+app.command("sample")(sample.sample)
 app.add_typer(plugins.app, name="plugins")
 app.add_typer(shard.app, name="shard")
 

@@ -61,6 +61,8 @@ class DiffusionOptimConfig:
 @dataclass
 class DiffusionTrainConfig:
     steps: int = 400_000  # the paper's 400k iterations
+    seed: int = 0
+    keep: int = 3  # checkpoints kept
     log_every: int = 100
     sample_every: int = 10_000  # write a grid of samples from the EMA model
     checkpoint_every: int = 10_000

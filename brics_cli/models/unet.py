@@ -24,6 +24,8 @@ samples in its batch beyond floating-point kernel choices.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import math
 from dataclasses import dataclass
 
@@ -103,6 +105,18 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
+class NoiseEmbedding(NamedTuple):
+    """The noise-level embedding of each *distinct* logSNR in the batch, and each sample's row.
+
+    During sampling every sample shares one noise level, so every Linear on the embedding runs on
+    one row whatever the batch size: a sample's output is then bitwise independent of the batch
+    (BLAS kernels chosen by the row count M can round differently). `brics sample` relies on this.
+    """
+
+    values: Tensor  # (U, D)
+    rows: Tensor  # (B,) index into values
+
+
 class ResBlock(nn.Module):
     """GN-SiLU-conv3x3, + Linear(SiLU(emb)) per channel, GN-SiLU-dropout-conv3x3; 1x1 skip when channels change."""
 
@@ -116,9 +130,9 @@ class ResBlock(nn.Module):
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: NoiseEmbedding) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
-        h = h + self.emb(emb)[:, :, None, None]  # emb is SiLU'd once in UNet.forward
+        h = h + self.emb(emb.values)[emb.rows][:, :, None, None]  # values are SiLU'd once in UNet.forward
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
 
@@ -169,7 +183,7 @@ class Stage(nn.Module):
         heads = out_ch // cfg.num_head_channels if cfg.num_head_channels else cfg.num_heads
         self.attn = Attention(out_ch, heads, cfg.norm_groups) if attention else None
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: NoiseEmbedding) -> Tensor:
         x = self.res(x, emb)
         return self.attn(x) if self.attn is not None else x
 
@@ -218,7 +232,11 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, logsnr: Tensor) -> Tensor:
         n, levels = self.cfg.num_res_blocks, len(self.cfg.channel_mult)
-        emb = F.silu(self.embed(logsnr_embedding(logsnr, self.cfg.model_channels)))  # (B, 4 mc)
+        if logsnr.is_meta:  # shape-only runs (`brics info`): unique() has no meta kernel
+            levels_u, rows = logsnr, torch.arange(logsnr.shape[0], device=logsnr.device)
+        else:
+            levels_u, rows = torch.unique(logsnr, return_inverse=True)
+        emb = NoiseEmbedding(F.silu(self.embed(logsnr_embedding(levels_u, self.cfg.model_channels))), rows)  # (U, 4 mc)
         h = self.conv_in(x)  # (B, mc, R, R)
         skips = [h]
         for level in range(levels):

@@ -394,13 +394,20 @@ class AETrainer:
         """samples/step-NNNNNN.png (validation images over EMA reconstructions); returns their PSNR."""
         if val is None or not self.rt.is_main:
             return None
+        with torch.random.fork_rng(devices=[]):  # previews never move the training RNG (exact resume)
+            return self._write_samples(val)
+
+    def _write_samples(self, val: Tensor) -> float:
         recon = self.ema.module.decode(self.ema.module.encode(val)[0]).float().clamp(-1, 1)
         save_image_grid([val, recon], self.run_dir / "samples" / f"step-{self.step:06d}.png")
         mse = (recon - val).square().flatten(1).mean(1)
         return float((10 * torch.log10(4.0 / mse)).mean())
 
     @torch.no_grad()
-    def code_usage(self, z: Tensor) -> float:
+    def code_usage(self, x: Tensor) -> float:
+        """Fraction of finest-level entries the batch's key codes hit (mean over groups)."""
+        with torch.random.fork_rng(devices=[]):  # the KL bottleneck samples: keep the training RNG
+            z = self.ae.encode(x)[0]
         model = self.ae
         z_hat = tile_key_codes(z, (model.cfg.features.resolution,) * 2, model.cfg.code.tiling)
         return float(model.retrieval.grids.usage(key_queries(z_hat, model.cfg.code.key_channels)).mean())
@@ -443,7 +450,7 @@ class AETrainer:
                         record = self.rt.mean_over_ranks(record)
                         record["img_per_s"] = images_window / max(elapsed, 1e-9)
                         record["lr"] = self.g_opt.param_groups[0]["lr"]
-                        record["grid_usage"] = self.code_usage(self.ae.encode(micro_batches[0])[0].detach()) if self.rt.is_main else 0.0
+                        record["grid_usage"] = self.code_usage(micro_batches[0]) if self.rt.is_main else 0.0
                         if val_psnr is not None:
                             record["val_psnr_ema"] = val_psnr  # PSNR of the EMA on the fixed validation batch
                             val_psnr = None

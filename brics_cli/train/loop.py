@@ -137,7 +137,8 @@ class MetricsLog:
 class TrainProgress:
     """Rich progress on stderr: step, img/s, ETA and the latest loss terms (rank 0 only)."""
 
-    def __init__(self, total: int, start: int, enabled: bool, label: str) -> None:
+    def __init__(self, total: int, start: int, enabled: bool, label: str, unit: str = "img/s") -> None:
+        self.unit = unit
         self.enabled = enabled and total > start
         self.progress = None
         if not self.enabled:
@@ -157,7 +158,7 @@ class TrainProgress:
         if self.progress is None:
             return
         shown = " ".join(f"{k}={v:.4g}" for k, v in terms.items())
-        self.progress.update(self.task, completed=step, rate=f"{images_per_s:.1f} img/s", terms=shown)
+        self.progress.update(self.task, completed=step, rate=f"{images_per_s:.1f} {self.unit}", terms=shown)
 
     def log(self, message: str) -> None:
         if self.progress is not None:

@@ -1,0 +1,321 @@
+"""`brics diffusion-train`: the UNet on the key codes of a trained autoencoder (Sec. 4, Suppl. A.5-A.6).
+
+1. The dataset is encoded once with the frozen EMA autoencoder (eval mode: no relaxed-precision
+   noise) and cached in `RUN.DIR/codes/<key>/`, key = hash of the AE checkpoint and the shard
+   manifest, so a rerun, or another diffusion run on the same AE, reuses it. With `data.flip` the
+   mirrored images are encoded too. Codes are stored as float16 (rounding error <= 2.4e-4, far
+   below the relaxed precision 1/(4 r_max) the decoder was trained to tolerate).
+2. The UNet learns epsilon on x0 = 2z - 1 with the recipe's schedule; Adam with warm-up + cosine
+   decay; EMA. Same loop contract as ae-train: resume by rerunning, atomic checkpoints, DDP under
+   torchrun, NaN guard, SIGINT/SIGTERM, metrics.jsonl, sample grids decoded through the AE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from brics_cli import __version__
+from brics_cli.config import build, to_dict
+from brics_cli.data.loader import ShardDataset
+from brics_cli.diffusion.config import DiffusionStageConfig, build_optimizer
+from brics_cli.diffusion.loss import codes_to_x0, diffusion_loss, x0_to_codes
+from brics_cli.diffusion.samplers import sample_generators
+from brics_cli.diffusion.schedules import build_schedule
+from brics_cli.errors import BricsError, ConfigError
+from brics_cli.models.unet import UNet
+from brics_cli.registry import SAMPLERS
+from brics_cli.train import checkpoint as ckpt
+from brics_cli.train.ae import find_checkpoint, load_autoencoder
+from brics_cli.train.loop import EMA, MetricsLog, NonFiniteGuard, StopRequest, TrainProgress, save_image_grid
+from brics_cli.train.runtime import Runtime, seed_everything
+
+PART_SIZE = 4096  # codes per cache file
+
+
+# -- the code cache -------------------------------------------------------------------------------
+
+
+def data_fingerprint(shards: str) -> str:
+    manifest = Path(shards) / "manifest.json"
+    if manifest.is_file():
+        return ckpt.file_sha256(manifest)
+    return hashlib.sha256(shards.encode()).hexdigest()  # a shard URL pattern: its text
+
+
+def codes_key(ae_checkpoint: Path, shards: str, flip: bool) -> str:
+    h = hashlib.sha256()
+    h.update(ckpt.file_sha256(ae_checkpoint).encode())
+    h.update(data_fingerprint(shards).encode())
+    h.update(b"flip" if flip else b"noflip")
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_dataset(ae, data_cfg, folder: Path, device: torch.device, batch: int = 64, progress=None) -> tuple[Tensor, dict]:
+    """Codes (N, C_z, H_z, W_z) float16 of the training split, cached in `folder`; and the cache record.
+
+    Part i holds the codes of images [i * PART_SIZE, (i + 1) * PART_SIZE) in shard order (then
+    their mirror images with data.flip). Resumable: a part already on disk is read back and its
+    images are not encoded again."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = folder / "done.json"
+    if done.is_file():
+        record = json.loads(done.read_text())
+        return torch.cat([ckpt.load_tensors(folder / p)["codes"] for p in record["parts"]]), record
+    cfg = replace(data_cfg, workers=0, shuffle=0, flip=False, resample=False, epoch_length=None)
+    dataset = ShardDataset(cfg, "train")
+    t0 = time.perf_counter()
+    parts: list[str] = []
+    codes: list[Tensor] = []
+
+    def encode(images: list[Tensor]) -> Tensor:
+        out = []
+        for start in range(0, len(images), batch):
+            x = torch.stack(images[start:start + batch]).to(device)
+            out.append(ae.encode(x)[0].to(torch.float16).cpu())
+        z = torch.cat(out)
+        if data_cfg.flip:
+            z = torch.cat([z, torch.cat([ae.encode(torch.stack(images[s:s + batch]).to(device).flip(-1))[0].to(torch.float16).cpu()
+                                         for s in range(0, len(images), batch)])])
+        return z
+
+    def finish_part(images: list[Tensor], present: bool) -> None:
+        name = f"part-{len(parts):06d}.safetensors"
+        if present:
+            z = ckpt.load_tensors(folder / name)["codes"]
+        else:
+            z = encode(images)
+            ckpt.save_tensors_atomic(folder / name, {"codes": z}, {"images": len(images)})
+        parts.append(name)
+        codes.append(z)
+        if progress is not None:
+            progress(len(images) if images else PART_SIZE)
+
+    images: list[Tensor] = []
+    count = 0
+    for image, _key in dataset:
+        present = (folder / f"part-{len(parts):06d}.safetensors").is_file()
+        count += 1
+        if not present:
+            images.append(image)
+        if count % PART_SIZE == 0:
+            finish_part(images, present)
+            images = []
+    if count % PART_SIZE:
+        finish_part(images, (folder / f"part-{len(parts):06d}.safetensors").is_file())
+    if not codes:
+        raise BricsError(f"data.shards: {data_cfg.shards} has no readable training images to encode")
+    record = {"parts": parts, "images": count, "codes": sum(len(c) for c in codes), "flip": data_cfg.flip,
+              "corrupt_skipped": dataset.skipped.count, "seconds": round(time.perf_counter() - t0, 2)}
+    ckpt.atomic_write_json(done, record)
+    return torch.cat(codes), record
+
+
+# -- the trainer ----------------------------------------------------------------------------------
+
+
+def find_ae_checkpoint(recipe, ae_run: Path | None) -> Path:
+    run = Path(ae_run) if ae_run is not None else Path(recipe.run.dir) / "ae"
+    if not run.exists():
+        raise BricsError(f"no autoencoder run at {run}: train one with `brics ae-train` first, or pass --ae-run DIR")
+    return find_checkpoint(run)
+
+
+class DiffusionTrainer:
+    """UNet + EMA + Adam/LambdaLR on cached key codes; `run()` trains to diffusion.train.steps."""
+
+    def __init__(self, recipe, run_dir: Path, rt: Runtime, ae_checkpoint: Path, codes: Tensor, codes_info: dict) -> None:
+        self.recipe = recipe
+        self.cfg: DiffusionStageConfig = recipe.diffusion
+        self.run_dir = Path(run_dir)
+        self.rt = rt
+        self.ae_checkpoint = ae_checkpoint
+        self.codes_info = codes_info
+        opt = self.cfg.optim
+        if opt.batch % rt.world_size:
+            raise ConfigError(f"diffusion.optim.batch={opt.batch} is not divisible by the {rt.world_size} ranks")
+        self.micro = opt.batch // rt.world_size
+        seed_everything(self.cfg.train.seed)
+        self.codes = codes  # (N, C, H, W) float16 on the CPU
+        _, C, H, W = codes.shape
+        self.shape = (C, H, W)
+        self.unet = UNet(self.cfg.model, C, H).to(rt.device)
+        self.schedule = build_schedule(self.cfg.schedule)
+        self.ema = EMA(self.unet, opt.ema)
+        self.opt, self.lr_sched = build_optimizer(opt, self.unet.parameters())
+        self.model = self.unet
+        if rt.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.unet, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        self.data_rng = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + 1000 + rt.rank)  # which codes each step trains on
+        self.step = 0
+        self.checkpoints = ckpt.CheckpointDir(self.run_dir / "checkpoints", self.cfg.train.keep)
+        self.guard = NonFiniteGuard(10)
+        self.last_checkpoint: Path | None = None
+        self.ae = None  # loaded lazily for sample grids
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors = {f"unet.{k}": v for k, v in self.unet.state_dict().items()}
+        tensors.update({f"ema.{k}": v for k, v in self.ema.module.state_dict().items()})
+        o_t, o_m = ckpt.optimizer_state(self.opt, "opt")
+        r_t, r_m = ckpt.rng_state()
+        tensors.update(o_t | r_t)
+        tensors["rng.data"] = self.data_rng.get_state()
+        meta = {
+            "kind": "diffusion",
+            "step": self.step,
+            "config": to_dict(self.recipe),
+            "code_shape": list(self.shape),
+            "ae_checkpoint": str(self.ae_checkpoint),
+            "ae_checkpoint_sha256": ckpt.file_sha256(self.ae_checkpoint),
+            "codes": self.codes_info,
+            "brics_version": __version__,
+            "torch_version": torch.__version__,
+            "world_size": self.rt.world_size,
+            "optim": o_m,
+            "lr_scheduler": self.lr_sched.state_dict(),
+            "rng": r_m,
+            "ema_updates": self.ema.updates,
+            "bad_steps": self.guard.total,
+        }
+        return tensors, meta
+
+    def save(self) -> None:
+        if self.rt.is_main:
+            tensors, meta = self.state()
+            self.last_checkpoint = self.checkpoints.save(self.step, tensors, meta)
+        self.rt.barrier()
+
+    def resume(self, path: Path) -> None:
+        meta = ckpt.read_metadata(path)
+        mine, theirs = to_dict(self.recipe)["diffusion"], meta["config"]["diffusion"]
+        changed = [f"diffusion.{k}" for k in ("model", "schedule") if mine[k] != theirs[k]]
+        if changed:
+            raise ConfigError(f"{path.parent.parent}: its checkpoints were trained with different {', '.join(changed)}; "
+                              "start a new run (--run-dir) or restore the recipe")
+        tensors = ckpt.load_tensors(path, device=self.rt.device)
+        self.unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+        self.ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        ckpt.load_optimizer_state(self.opt, "opt", tensors, meta["optim"])
+        self.lr_sched.load_state_dict(meta["lr_scheduler"])
+        ckpt.restore_rng({k: v.cpu() for k, v in tensors.items() if k.startswith("rng.") and k != "rng.data"}, meta["rng"])
+        self.data_rng.set_state(tensors["rng.data"].cpu())
+        self.step, self.ema.updates, self.guard.total = meta["step"], meta["ema_updates"], meta.get("bad_steps", 0)
+        self.last_checkpoint = path
+
+    def train_step(self) -> dict[str, float] | None:
+        idx = torch.randint(len(self.codes), (self.micro,), generator=self.data_rng)
+        x0 = codes_to_x0(self.codes[idx].float().to(self.rt.device))
+        self.opt.zero_grad(set_to_none=True)
+        loss, terms = diffusion_loss(self.model, self.schedule, x0)
+        loss.backward()
+        values = {k: float(v) for k, v in terms.items()}
+        grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
+        values["grad_norm"] = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        bad = NonFiniteGuard.bad_terms(values)
+        if self.rt.any_flag(bool(bad)):
+            self.opt.zero_grad(set_to_none=True)
+            self.guard.check(self.step, values if bad else {"loss on another rank": math.nan}, self.last_checkpoint)
+            return None
+        if self.cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.cfg.optim.grad_clip)
+        values["lr"] = self.opt.param_groups[0]["lr"]
+        self.opt.step()
+        self.lr_sched.step()
+        self.ema.update(self.unet)
+        self.guard.consecutive = 0
+        return values
+
+    @torch.no_grad()
+    def write_samples(self, n: int = 16) -> None:
+        if not self.rt.is_main:
+            return
+        with torch.random.fork_rng(devices=[]):  # previews never move the training RNG (exact resume)
+            self._write_samples(n)
+
+    def _write_samples(self, n: int) -> None:
+        if self.ae is None:
+            self.ae, _ = load_autoencoder(self.ae_checkpoint, ema=True, device=self.rt.device)
+        s = self.cfg.sample
+        sampler = SAMPLERS.get(s.sampler)
+        x = sampler(self.ema.module, self.schedule, self.shape, steps=s.steps, generators=sample_generators(0, range(n)),
+                    eta=s.eta, clip_x0=s.clip_x0, device=self.rt.device)
+        images = self.ae.decode(x0_to_codes(x)).clamp(-1, 1)
+        half = n // 2
+        save_image_grid([images[:half], images[half:]], self.run_dir / "samples" / f"step-{self.step:06d}.png")
+
+    def run(self, show_progress: bool = True) -> dict[str, Any]:
+        tc = self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(self.run_dir, self.rt.is_main)
+        metrics.truncate_after(self.step)
+        progress = TrainProgress(tc.steps, self.step, show_progress and self.rt.is_main, "diffusion-train", "codes/s")
+        start_step, t_start = self.step, time.perf_counter()
+        window: dict[str, float] = {}
+        count, t_window, stopped_by = 0, time.perf_counter(), ""
+        try:
+            with StopRequest() as stop:
+                while self.step < tc.steps:
+                    self.unet.train()
+                    values = self.train_step()
+                    self.step += 1
+                    if values is not None:
+                        for k, v in values.items():
+                            window[k] = window.get(k, 0.0) + v
+                        count += 1
+                    if self.step % tc.log_every == 0 or self.step == tc.steps:
+                        record = self.rt.mean_over_ranks({k: v / max(count, 1) for k, v in window.items()})
+                        elapsed = time.perf_counter() - t_window
+                        record["codes_per_s"] = self.cfg.optim.batch * tc.log_every / max(elapsed, 1e-9)
+                        record["bad_steps"] = self.guard.total
+                        metrics.write(self.step, record)
+                        progress.update(self.step, record["codes_per_s"], {k: record[k] for k in ("loss", "mse") if k in record})
+                        window, count, t_window = {}, 0, time.perf_counter()
+                    if self.step % tc.sample_every == 0 or self.step == tc.steps:
+                        self.write_samples()
+                    stop_now = self.rt.any_flag(stop.requested)
+                    if self.step % tc.checkpoint_every == 0 or self.step == tc.steps or stop_now:
+                        self.save()
+                    if stop_now:
+                        stopped_by = stop.signal_name or "signal"
+                        progress.log(f"{stopped_by}: checkpoint written at step {self.step}; rerun the same command to continue")
+                        break
+        finally:
+            progress.close()
+            metrics.close()
+        return {
+            "run": str(self.run_dir),
+            "step": self.step,
+            "steps": tc.steps,
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "resumed_from": start_step or None,
+            "stopped_by": stopped_by or None,
+            "seconds": round(time.perf_counter() - t_start, 2),
+            "bad_steps": self.guard.total,
+            "ranks": self.rt.world_size,
+            "ae_checkpoint": str(self.ae_checkpoint),
+            "codes": self.codes_info,
+            "rank_param_max_diff": self.rt.max_rank_difference(list(self.unet.parameters())),
+        }
+
+
+def load_diffusion(path: Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[UNet, Any, dict]:
+    """(UNet in eval mode, schedule, metadata) from a diffusion checkpoint."""
+    meta = ckpt.read_metadata(path)
+    if meta.get("kind") != "diffusion":
+        raise BricsError(f"{path}: a '{meta.get('kind')}' checkpoint, not a diffusion one")
+    stage = build(DiffusionStageConfig, meta["config"]["diffusion"], "diffusion")
+    C, H, _ = meta["code_shape"]
+    unet = UNet(stage.model, C, H)
+    unet.load_state_dict(ckpt.load_tensors(path, "ema." if ema else "unet."))
+    return unet.to(device).eval(), build_schedule(stage.schedule), meta
