@@ -29,6 +29,7 @@ bench: install
 	$(PY) benchmarks/shard.py --out benchmarks/out/shard.json
 	$(PIP) install --quiet -e '.[bench]'
 	$(PY) benchmarks/decoders.py --out benchmarks/out/decoders.json
+	$(PY) benchmarks/diffusion.py --out benchmarks/out/diffusion.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

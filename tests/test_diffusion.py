@@ -282,22 +282,62 @@ def test_unet_outputs_do_not_depend_on_the_batch(one_thread):
             assert (net(x[lo:hi], logsnr[lo:hi]) - full[lo:hi]).abs().max() <= 1e-5
 
 
+def test_unet_samples_do_not_depend_on_the_batch(one_thread):
+    torch.manual_seed(1)
+    net = UNet(SMALL, 2, 8).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05) if p.dim() > 1 else None
+    for sampler in (ddpm, ddim):
+        run = lambda idx: sampler(net, CosineVariantSchedule(), (2, 8, 8), steps=20, generators=sample_generators(3, idx))
+        batch16, batch4, middle = run(range(16)), run(range(4)), run(range(8, 12))
+        # Not bitwise: oneDNN convolutions block differently per batch size. Observed <= 1e-5 after 20 steps.
+        assert (batch16[:4] - batch4).abs().max() < 1e-4 and (batch16[8:12] - middle).abs().max() < 1e-4
+        assert (batch16[:4] - batch16[4:8]).abs().max() > 0.1  # and the samples do differ
+
+
 # --- training a tiny UNet on a mixture ------------------------------------------------------------------
 
 MODES = torch.tensor([[0.6, 0.6], [-0.6, -0.6], [0.6, -0.6]])[:, :, None, None].expand(3, 2, 2, 2)  # (3, C=2, 2, 2)
 WEIGHTS = torch.tensor([0.5, 0.3, 0.2])
+MODE_STD = 0.05
 
 
 def mixture_batch(n: int, generator: torch.Generator) -> torch.Tensor:
     k = torch.multinomial(WEIGHTS, n, replacement=True, generator=generator)
-    return MODES[k] + 0.05 * torch.randn(n, 2, 2, 2, generator=generator)
+    return MODES[k] + MODE_STD * torch.randn(n, 2, 2, 2, generator=generator)
+
+
+def mixture_eps(x: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+    """The optimal epsilon predictor of the mixture: component posteriors r_k(x_t), E[x0 | x_t] = sum_k r_k E[x0 | x_t, k]."""
+    l = logsnr.double()[:, None]
+    a2, s2 = torch.sigmoid(l), torch.sigmoid(-l)
+    a, m, var0 = a2.sqrt(), MODES.reshape(3, -1).double(), MODE_STD**2
+    xf = x.reshape(x.shape[0], -1).double()
+    v = a2 * var0 + s2  # (B, 1): variance of x_t given the component
+    resid = xf[:, None] - a[:, None] * m[None]  # (B, 3, D)
+    r = torch.softmax(WEIGHTS.double().log() - 0.5 * resid.square().sum(-1) / v, dim=1)  # (B, 3)
+    x0 = (r[:, :, None] * (m[None] + (a * var0 / v)[:, None] * resid)).sum(1)
+    return ((xf - a * x0) / s2.sqrt()).to(x.dtype).reshape(x.shape)
+
+
+def mode_mass(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fraction of samples nearest to each mode, and each sample's RMS distance to its mode."""
+    dist = (x[:, None] - MODES[None]).square().flatten(2).mean(2).sqrt()  # (N, 3)
+    return torch.bincount(dist.argmin(1), minlength=3).float() / len(x), dist.min(1).values
+
+
+@pytest.mark.parametrize("sampler, steps, n", [(ddim, 50, 2000), (ddpm, 100, 1000)], ids=["ddim-50", "ddpm-100"])
+def test_samplers_put_the_right_mass_in_each_mode_with_the_exact_model(sampler, steps, n, one_thread):
+    x = sampler(mixture_eps, CosineVariantSchedule(), (2, 2, 2), steps=steps, generators=sample_generators(0, range(n)))
+    mass, _ = mode_mass(x)
+    assert (mass - WEIGHTS).abs().max() < 0.05  # standard error <= 0.016 (observed <= 0.02)
 
 
 def test_tiny_unet_learns_the_mass_of_each_mode(one_thread):
     torch.manual_seed(0)
     cfg = UNetConfig(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(2,), num_head_channels=32)
     net, schedule, steps = UNet(cfg, 2, 2), CosineVariantSchedule(), 400
-    opt, lr = build_optimizer(DiffusionOptimConfig(lr=3e-3, warmup_steps=10, decay_steps=steps), net.parameters())
+    opt, lr = build_optimizer(DiffusionOptimConfig(lr=1e-2, warmup_steps=10, decay_steps=steps), net.parameters())
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         loss, _ = diffusion_loss(net, schedule, mixture_batch(64, g), generator=g)
@@ -307,11 +347,11 @@ def test_tiny_unet_learns_the_mass_of_each_mode(one_thread):
         lr.step()
     net.eval()
     x = ddim(net, schedule, (2, 2, 2), steps=50, generators=sample_generators(0, range(400)))
-    dist = (x[:, None] - MODES[None]).square().flatten(2).mean(2).sqrt()  # (400, 3) RMS distance to each mode
-    mass = torch.bincount(dist.argmin(1), minlength=3).float() / len(x)
-    print(f"mode mass {mass.tolist()} (target {WEIGHTS.tolist()}), median distance {dist.min(1).values.median():.3f}")
-    assert (mass - WEIGHTS).abs().max() < 0.07  # 400 samples: standard error <= 0.025
-    assert dist.min(1).values.median() < 0.15  # samples land on the modes, not between them
+    mass, dist = mode_mass(x)
+    print(f"mode mass {mass.tolist()} (target {WEIGHTS.tolist()}), median distance {dist.median():.3f}")
+    # Observed 0.047-0.05 over three seeds (0.02 or less for the exact model above): the tiny network's error.
+    assert (mass - WEIGHTS).abs().max() < 0.08
+    assert dist.median() < 0.15  # samples land on the modes, not between them
 
 
 # --- config -----------------------------------------------------------------------------------------

@@ -5,11 +5,12 @@ Every sampler has the same signature,
     sampler(model, schedule, shape, *, steps, generators, eta=0.0, clip_x0=True, device="cpu", progress=None)
         -> x0 (B, *shape) on [-1, 1] (2z - 1; `loss.x0_to_codes` maps back to key codes)
 
-with `model(x_t, logsnr) -> eps` (x_t (B, *shape), logsnr (B,)) and one `torch.Generator` per
-sample. Time runs over the uniform grid t_i = i / steps, i = steps .. 0, of the schedule's
-continuous t; each step predicts x0 = (x_t - sigma_t eps) / alpha_t, clamps it to [-1, 1] when
-`clip_x0` (the codes live in [0, 1]; the authors' sampler does the same) and moves to the next
-t. The last step returns that x0 prediction itself (gamma(0) = 1: no noise is left).
+with `model(x_t, logsnr) -> eps` (x_t (B, *shape), logsnr (B,)) and one CPU `torch.Generator` per
+sample (`sample_generator(seed, i)`); the result lands on `device`. Time runs over the uniform
+grid t_i = i / steps, i = steps .. 0, of the schedule's continuous t; each step predicts
+x0 = (x_t - sigma_t eps) / alpha_t, clamps it to [-1, 1] when `clip_x0` (the codes live in [0, 1];
+the authors' sampler does the same) and moves to the next t. The last step returns that x0
+prediction itself (gamma(0) = 1: no noise is left).
 
 Reproducibility: sample i draws every random number it uses -- its initial noise and the noise of
 each step -- from `generators[i]` alone, on the CPU, and every operation of the update is
@@ -30,6 +31,7 @@ from torch import Tensor
 from brics_cli.diffusion.loss import EpsModel
 from brics_cli.diffusion.schedules import Schedule
 from brics_cli.registry import SAMPLERS
+
 Progress = Callable[[int, int], None]  # (steps done, total steps)
 
 
