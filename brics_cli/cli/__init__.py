@@ -13,7 +13,8 @@ import sys
 import typer
 
 from brics_cli import __version__
-from brics_cli.cli import info, plugins, shard
+from brics_cli.cli import eval as eval_cli
+from brics_cli.cli import info, nn_search, plugins, shard, weights
 from brics_cli.errors import BricsError
 
 app = typer.Typer(
@@ -45,6 +46,9 @@ def _root(
 app.command("info")(info.info)
 app.add_typer(plugins.app, name="plugins")
 app.add_typer(shard.app, name="shard")
+app.command("eval")(eval_cli.eval_command)
+app.command("nn-search")(nn_search.nn_search_command)
+app.add_typer(weights.app, name="weights")
 
 
 def main() -> None:

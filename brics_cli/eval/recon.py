@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from brics_cli.errors import BricsError
 from brics_cli.eval.weights import WeightsMissing, WeightsMismatch, require
 
 DATA_RANGE = 2.0  # images in [-1, 1]
@@ -183,4 +184,30 @@ def reconstruction_metrics(
         inputs, recons = [inputs], [recons]
     for x, y in zip(inputs, recons, strict=True):
         meter.update(x, y)
+    return meter.result()
+
+
+def load_image(path, device="cpu") -> torch.Tensor:
+    """An image file -> (3, H, W) float in [-1, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1).to(device).div_(127.5).sub_(1.0)
+
+
+def evaluate_pairs(pairs, lpips_model: nn.Module | None, batch_size: int = 32, progress=None) -> dict:
+    """Reconstruction metrics of (input file, reconstruction file) pairs, in batches."""
+    meter = ReconstructionMeter(lpips_model, "LPIPS not requested" if lpips_model is None else None)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        try:
+            x = torch.stack([load_image(a) for a, _ in chunk])
+            y = torch.stack([load_image(b) for _, b in chunk])
+            meter.update(x, y)
+        except (RuntimeError, ValueError) as exc:  # sizes differ within a batch or between input and reconstruction
+            raise BricsError(f"images of different sizes among {chunk[0][0].name} .. {chunk[-1][0].name}: {exc}") from exc
+        if progress is not None:
+            progress(len(chunk))
     return meter.result()
