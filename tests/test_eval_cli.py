@@ -7,7 +7,6 @@ feature-extraction code runs unchanged; nothing is mocked.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time

@@ -41,9 +41,9 @@ def eval_command(
     if batch < 1 or (n is not None and n < 1) or (n_ref is not None and n_ref < 1):
         raise ConfigError("--batch, --n and --n-ref must be >= 1")
     if metric == "recon":
-        result, folder = _recon(samples, lpips_net, batch, device, json_output)
+        result, folder = _recon(samples, lpips_net, batch, device)
     else:
-        result, folder = _generative(metric, samples, ref, split, n, n_ref, batch, workers, device, runs, json_output)
+        result, folder = _generative(metric, samples, ref, split, n, n_ref, batch, workers, device, runs)
     from brics_cli.data.shards import write_json_atomic
 
     out = folder / f"eval-{metric}.json"
@@ -58,7 +58,7 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _generative(metric, samples, ref, split, n, n_ref, batch, workers, device, runs, json_output):
+def _generative(metric, samples, ref, split, n, n_ref, batch, workers, device, runs):
     from brics_cli.eval import weights
     from brics_cli.eval.generative import expand, required_weights
     from brics_cli.eval.sources import load_samples, newest_samples, recorded_reference
@@ -96,41 +96,23 @@ def _generative(metric, samples, ref, split, n, n_ref, batch, workers, device, r
     return result, folder
 
 
-def _recon(samples, lpips_net, batch, device, json_output):
+def _recon(samples, lpips_net, batch, device):
     from brics_cli.errors import ConfigError
-    from brics_cli.eval.sources import newest_reconstruction, reconstruction_pairs
+    from brics_cli.eval import weights
+    from brics_cli.eval.sources import newest_reconstruction
 
     if lpips_net not in ("alex", "vgg", "none"):
         raise ConfigError(f"--lpips-net must be alex, vgg or none, got '{lpips_net}'")
     folder = samples if samples is not None else newest_reconstruction()
     if samples is None:
         _say(f"reconstructions: {folder} (newest folder with inputs/ and recon/)")
-    pairs = reconstruction_pairs(folder)
-    from brics_cli.eval import weights
-
-    lpips_weights = [] if lpips_net == "none" else [{"alex": "alexnet", "vgg": "vgg16"}[lpips_net], f"lpips-lin-{lpips_net}"]
-    weights.require_all(lpips_weights)
+    weights.require_all([] if lpips_net == "none" else weights.LPIPS_WEIGHTS[lpips_net])  # before any work
 
     from brics_cli.cli.progress import resolve_device, stage_progress
-    from brics_cli.eval.generative import library_versions
-    from brics_cli.eval.recon import evaluate_pairs, load_lpips
+    from brics_cli.eval.recon import evaluate_folder
 
-    dev = resolve_device(device)
-    model = None if lpips_net == "none" else load_lpips(lpips_net, dev)
     with stage_progress() as start:
-        result = evaluate_pairs(pairs, model, batch, progress=start("reconstructions", len(pairs)))
-    result["protocol"] = {
-        "folder": str(folder),
-        "n": len(pairs),
-        "psnr": "per image, data_range 2 on [-1, 1] (= 1 on [0, 1])",
-        "ssim": "torchmetrics, Gaussian 11x11 sigma 1.5, on [0, 1], mean over all pixels",
-        "lpips": None if model is None else f"lpips v0.1 {lpips_net}",
-        "std": "population (ddof 0) over images",
-        "weights": [weights.describe(w) for w in lpips_weights],
-        "libraries": library_versions(),
-        "device": str(dev),
-    }
-    return result, folder
+        return evaluate_folder(folder, lpips_net, resolve_device(device), batch, progress=start), folder
 
 
 def _print(metric: str, result: dict, out: Path) -> None:

@@ -32,6 +32,8 @@ from torch.nn import functional as F
 
 from brics_cli.eval.recon import load_image
 
+QUERY_CHUNK = 256  # samples searched at once: bounds memory whatever the number of samples
+
 
 class L2Distance:
     """Mean squared pixel difference of images in [-1, 1]; embedding: block averages on a grid x grid map."""
@@ -274,3 +276,61 @@ def contact_sheet(rows: list[list[torch.Tensor]], gap: int = 2):
             array = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
             sheet.paste(Image.fromarray(array), (x * (w + gap), y * (h + gap)))
     return sheet
+
+
+def find_neighbours(samples, reference, metric: str, *, k: int = 5, candidates: int = 64, exact: bool = False,
+                    batch: int = 64, device: torch.device = torch.device("cpu"), grid_rows: int = 16, progress=None):
+    """`brics nn-search`: (nn.json report, contact sheet) for the samples against the reference (`ImageSet`s)."""
+    from brics_cli.errors import ConfigError
+    from brics_cli.eval import weights
+    from brics_cli.eval.sources import cache_root
+
+    if metric == "lpips":
+        from brics_cli.eval.recon import load_lpips
+
+        distance = LPIPSDistance(load_lpips("alex", device))
+    else:
+        distance = L2Distance()
+    bank, query_bank = ImageBank(reference.files), ImageBank(samples.files)
+    if query_bank.get([0]).shape != bank.get([0]).shape:
+        raise ConfigError(f"samples are {tuple(query_bank.get([0]).shape[-2:])} and reference images {tuple(bank.get([0]).shape[-2:])}: sizes must match")
+    weight_names = weights.LPIPS_WEIGHTS["alex"] if metric == "lpips" else ()
+    emb = None
+    if not exact:
+        key = embedding_cache_key(distance, reference.fingerprint, len(bank), [weights.describe(w)["sha256"] for w in weight_names])
+        emb = cached_embeddings(cache_root() / "nn" / f"embed-{metric}-{key}.npy", bank, distance, batch,
+                                progress("embed reference", len(bank)) if progress else None)
+    n_q = len(query_bank)
+    chunks = [range(s, min(s + QUERY_CHUNK, n_q)) for s in range(0, n_q, QUERY_CHUNK)]
+    advance = progress("exact distances", len(bank) * len(chunks) if exact else n_q) if progress else None
+    results = [search(query_bank.get(c), bank, distance, k, candidates, exact, batch, emb, progress=advance and (lambda label, total: advance))
+               for c in chunks]
+    indices = torch.cat([r.indices for r in results])
+    distances = torch.cat([r.distances for r in results])
+    certified = [c for r in results for c in r.certified]
+    keys = [p.stem for p in reference.files]
+    report = {
+        "metric": metric,
+        "k": int(indices.shape[1]),
+        "queries": [
+            {"sample": samples.files[q].name,
+             "neighbours": [{"key": keys[i], "distance": float(d)} for i, d in zip(indices[q].tolist(), distances[q])],
+             "certified": certified[q]}
+            for q in range(n_q)
+        ],
+        "search": {
+            "mode": results[0].mode,
+            "candidates": results[0].candidates,
+            "exact_distances": sum(r.exact_distances for r in results),
+            "brute_force_distances": n_q * len(bank),
+            "certified": sum(bool(c) for c in certified),
+            "distance": distance.describe(),
+            "reference": {"path": str(reference.path), "source": reference.source, "split": reference.split,
+                          "manifest_sha256": reference.manifest_sha256, "n": len(bank)},
+            "samples": str(samples.path),
+            "weights": [weights.describe(w) for w in weight_names],
+            "device": str(device),
+        },
+    }
+    rows = [[query_bank.get([q])[0]] + list(bank.get(indices[q].tolist())) for q in range(min(grid_rows, n_q))]
+    return report, contact_sheet(rows)

@@ -94,8 +94,9 @@ def newest_samples(root: Path = Path("runs")) -> Path:
     return max(found, key=lambda p: p.stat().st_mtime_ns).parent
 
 
-def load_samples(folder: Path, n: int | None = None) -> ImageSet:
-    """A samples folder: the manifest's files in order (first `n`), or its images when it has no manifest."""
+def load_samples(folder: Path, n: int | None = None, strict: bool = True) -> ImageSet:
+    """A samples folder: the manifest's files in order (first `n`; more than it holds is an error when
+    `strict`), or its images when it has no manifest."""
     if not folder.is_dir():
         raise ConfigError(f"--samples: folder not found: {folder}")
     manifest_path = folder / "manifest.json"
@@ -113,7 +114,7 @@ def load_samples(folder: Path, n: int | None = None) -> ImageSet:
     else:
         files = list_images(folder)
     if n is not None:
-        if n > len(files):
+        if strict and n > len(files):
             raise ConfigError(f"--n {n}: {folder} holds only {len(files)} images")
         files = files[:n]
     if not files:

@@ -115,6 +115,9 @@ CATALOGUE: dict[str, WeightFile] = {
 }
 
 
+LPIPS_WEIGHTS = {"alex": ("alexnet", "lpips-lin-alex"), "vgg": ("vgg16", "lpips-lin-vgg")}  # net -> (backbone, linear layers)
+
+
 def torch_hub_checkpoints() -> Path:
     """`$TORCH_HOME/hub/checkpoints`, computed as torch.hub does (without importing torch)."""
     cache = os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
