@@ -12,7 +12,8 @@ workers) with a network applied to uint8 batches that returns named (B, D) featu
 
 Each loads its weight file through `weights.require_all` (never a download). Tests plug in other
 `Extractor`s (real networks with fixed random weights) through the same path. Features of a set of
-images are cached next to it, keyed by the set's fingerprint and the extractor (incl. weight sha256).
+images are cached (`cached_features`), keyed by the set's fingerprint and the extractor (incl. its
+weight sha256).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -71,6 +73,7 @@ def _fidelity_vgg16(paths, device):
     return lambda x: {"fc2": net(x)[0]}
 
 
+@lru_cache(maxsize=1)
 def cleanfid_clip_module():
     """`cleanfid.clip_features`, which imports `clip`; the `clip` package still does
     `from pkg_resources import packaging`, gone from setuptools >= 81. Where it is missing, a stand-in
