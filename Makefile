@@ -27,6 +27,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/retrieval.py --out benchmarks/out/retrieval.json
 	$(PY) benchmarks/shard.py --out benchmarks/out/shard.json
+	$(PY) benchmarks/nn_search.py --out benchmarks/out/nn_search.json
 	$(PIP) install --quiet -e '.[bench]'
 	$(PY) benchmarks/decoders.py --out benchmarks/out/decoders.json
 	$(PY) benchmarks/diffusion.py --out benchmarks/out/diffusion.json

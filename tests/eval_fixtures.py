@@ -75,3 +75,52 @@ def make_samples(folder: Path, images: np.ndarray, run: str = "runs/x/diffusion"
         manifest["data"] = data
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
+
+
+def save_fake_fidelity_inception(path: Path, seed: int = 0) -> None:
+    """torch-fidelity's InceptionV3 with fixed random He-scaled weights, saved as its weight file."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class RandomInit(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random init
+            return None
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    empty = path.with_name("empty-state.pth")
+    torch.save({}, empty)
+    model = RandomInit("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, t in model.state_dict().items():  # He scaling keeps activations alive through 90 layers
+        if name.endswith("weight") and t.dim() > 1:
+            t = torch.randn(t.shape, generator=g) * (2.0 / t[0].numel()) ** 0.5
+        state[name] = t
+    torch.save(state, path)
+    empty.unlink()
+
+
+BLOCK_NETWORK = '''
+import socket
+
+def _blocked(*args, **kwargs):
+    raise OSError("network access blocked by the test")
+
+socket.socket.connect = _blocked
+socket.socket.connect_ex = _blocked
+socket.create_connection = _blocked
+'''
+
+
+def offline_env(tmp_path: Path, **extra) -> dict:
+    """Environment for a CLI subprocess with no network (a sitecustomize makes every connect raise) and no weights."""
+    import os
+
+    site = tmp_path / "offline-site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(BLOCK_NETWORK)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRICS_")}
+    env.update(PYTHONPATH=str(site), TORCH_HOME=str(tmp_path / "torch"), HOME=str(tmp_path / "home"),
+               BRICS_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("XDG_CACHE_HOME", None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env

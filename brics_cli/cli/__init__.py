@@ -13,7 +13,8 @@ import sys
 import typer
 
 from brics_cli import __version__
-from brics_cli.cli import ae_train, diffusion_train, info, plugins, reconstruct, sample, shard
+from brics_cli.cli import ae_train, diffusion_train, info, nn_search, plugins, reconstruct, sample, shard, weights
+from brics_cli.cli import eval as eval_cli
 from brics_cli.errors import BricsError
 
 app = typer.Typer(
@@ -49,6 +50,9 @@ app.command("diffusion-train")(diffusion_train.diffusion_train)
 app.command("sample")(sample.sample)
 app.add_typer(plugins.app, name="plugins")
 app.add_typer(shard.app, name="shard")
+app.command("eval")(eval_cli.eval_command)
+app.command("nn-search")(nn_search.nn_search_command)
+app.add_typer(weights.app, name="weights")
 
 
 def main() -> None:

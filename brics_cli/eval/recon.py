@@ -24,10 +24,10 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from brics_cli.eval.weights import WeightsMissing, WeightsMismatch, require
+from brics_cli.errors import BricsError
+from brics_cli.eval.weights import LPIPS_WEIGHTS, WeightsMismatch, WeightsMissing, require, require_all
 
 DATA_RANGE = 2.0  # images in [-1, 1]
-LPIPS_BACKBONES = {"alex": "alexnet", "vgg": "vgg16"}  # lpips net name -> weight file name
 VGG16_LAYERS = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22, "relu5_3": 29}  # index in vgg16.features
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,10 +70,11 @@ def load_lpips(net: str = "alex", device: str | torch.device = "cpu") -> nn.Modu
     """LPIPS with the `net` backbone loaded from the local torchvision file; raises WeightsMissing, never downloads."""
     import lpips
 
-    if net not in LPIPS_BACKBONES:
-        raise ValueError(f"LPIPS net must be one of {', '.join(LPIPS_BACKBONES)}, got {net!r}")
-    require(f"lpips-lin-{net}")
-    backbone = _load_torchvision("alexnet" if net == "alex" else "vgg16", LPIPS_BACKBONES[net], "cpu").features
+    if net not in LPIPS_WEIGHTS:
+        raise ValueError(f"LPIPS net must be one of {', '.join(LPIPS_WEIGHTS)}, got {net!r}")
+    backbone_name, _ = LPIPS_WEIGHTS[net]
+    require_all(LPIPS_WEIGHTS[net])  # both files, in one message when both are missing
+    backbone = _load_torchvision("alexnet" if net == "alex" else "vgg16", backbone_name, "cpu").features
     with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=False`
         warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
@@ -183,4 +184,54 @@ def reconstruction_metrics(
         inputs, recons = [inputs], [recons]
     for x, y in zip(inputs, recons, strict=True):
         meter.update(x, y)
+    return meter.result()
+
+
+def load_image(path, device="cpu") -> torch.Tensor:
+    """An image file -> (3, H, W) float in [-1, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1).to(device).div_(127.5).sub_(1.0)
+
+
+def evaluate_folder(folder, lpips_net: str = "alex", device: str | torch.device = "cpu", batch_size: int = 32, progress=None) -> dict:
+    """`brics eval recon`: Table 2's metrics of a `brics reconstruct` folder (inputs/ and recon/), with the protocol."""
+    from brics_cli.eval import weights
+    from brics_cli.eval.generative import library_versions
+    from brics_cli.eval.sources import reconstruction_pairs
+
+    pairs = reconstruction_pairs(folder)
+    names = [] if lpips_net == "none" else list(LPIPS_WEIGHTS[lpips_net])
+    model = None if lpips_net == "none" else load_lpips(lpips_net, device)
+    result = evaluate_pairs(pairs, model, batch_size, progress("reconstructions", len(pairs)) if progress else None)
+    result["protocol"] = {
+        "folder": str(folder),
+        "n": len(pairs),
+        "psnr": "per image, data_range 2 on [-1, 1] (= 1 on [0, 1])",
+        "ssim": "torchmetrics, Gaussian 11x11 sigma 1.5, on [0, 1], mean over all pixels",
+        "lpips": None if model is None else f"lpips v0.1 {lpips_net}",
+        "std": "population (ddof 0) over images",
+        "weights": [weights.describe(w) for w in names],
+        "libraries": library_versions(),
+        "device": str(device),
+    }
+    return result
+
+
+def evaluate_pairs(pairs, lpips_model: nn.Module | None, batch_size: int = 32, progress=None) -> dict:
+    """Reconstruction metrics of (input file, reconstruction file) pairs, in batches."""
+    meter = ReconstructionMeter(lpips_model, "LPIPS not requested" if lpips_model is None else None)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        try:
+            x = torch.stack([load_image(a) for a, _ in chunk])
+            y = torch.stack([load_image(b) for _, b in chunk])
+            meter.update(x, y)
+        except (RuntimeError, ValueError) as exc:  # sizes differ within a batch or between input and reconstruction
+            raise BricsError(f"images of different sizes among {chunk[0][0].name} .. {chunk[-1][0].name}: {exc}") from exc
+        if progress is not None:
+            progress(len(chunk))
     return meter.result()

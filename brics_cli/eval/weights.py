@@ -93,7 +93,7 @@ CATALOGUE: dict[str, WeightFile] = {
             "inception-cleanfid", "inception-2015-12-05.pt", "cleanfid",
             "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4",
             "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
-            ("clean-fid's own FID (not used by brics eval, which takes FID from torch-fidelity as the paper did)",),
+            ("clean-fid's own FID only (brics eval takes FID from torch-fidelity, as the paper did)",),
             "StyleGAN2-ADA TorchScript InceptionV3: clean-fid's FID features",
             95_607_719,
         ),
@@ -113,6 +113,9 @@ CATALOGUE: dict[str, WeightFile] = {
         ),
     )
 }
+
+
+LPIPS_WEIGHTS = {"alex": ("alexnet", "lpips-lin-alex"), "vgg": ("vgg16", "lpips-lin-vgg")}  # net -> (backbone, linear layers)
 
 
 def torch_hub_checkpoints() -> Path:

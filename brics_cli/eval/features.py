@@ -1,0 +1,190 @@
+"""Image files -> feature matrices, through the feature extractors of the libraries the paper used.
+
+An `Extractor` couples a per-image preprocessing step (PIL image -> uint8 tensor, in DataLoader
+workers) with a network applied to uint8 batches that returns named (B, D) features:
+
+- `inception`: torch-fidelity's InceptionV3 ("inception-v3-compat", TF FID weights) -> "2048"
+  (pool3, FID and KID) and "logits_unbiased" (IS); it resizes inside, bilinear as TF 1.x, to 299.
+- `vgg16`: torch-fidelity's VGG16 -> "fc2" (pre-ReLU, as the precision/recall code the paper used);
+  bilinear as TF 1.x to 224 inside.
+- `clip`: clean-fid's CLIP ViT-B/32 path (`CLIP_fx`, `img_preprocess_clip`: PIL bicubic resize of
+  the short side to 224, centre crop, CLIP normalisation) -> "clip" (CLIP-FID).
+
+Each loads its weight file through `weights.require_all` (never a download). Tests plug in other
+`Extractor`s (real networks with fixed random weights) through the same path. Features of a set of
+images are cached (`cached_features`), keyed by the set's fingerprint and the extractor (incl. its
+weight sha256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from brics_cli.errors import BricsError
+from brics_cli.eval import weights
+
+
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 (3, H, W), exactly as torch-fidelity's image-folder input reads files."""
+    return torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class Extractor:
+    name: str  # recorded in the protocol
+    features: tuple[str, ...]
+    build: Callable[[dict[str, Path], torch.device], Callable[[torch.Tensor], dict[str, torch.Tensor]]]
+    weights: tuple[str, ...] = ()  # catalogue names `build` receives as {name: path}
+    preprocess: Callable[[Image.Image], torch.Tensor] = pil_to_uint8
+    resize: str = ""  # how images reach the network's input size, for the protocol
+    version: str = "1"  # part of the cache key: bump when preprocessing or outputs change
+
+    def load(self, device: torch.device):
+        return self.build(weights.require_all(self.weights), device)
+
+    def cache_key(self) -> str:
+        shas = [weights.describe(n)["sha256"] for n in self.weights]  # memoised hashes
+        return hashlib.sha256(json.dumps([self.name, self.features, self.version, shas]).encode()).hexdigest()[:16]
+
+
+def _fidelity_inception(paths, device):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    names = ["2048", "logits_unbiased"]
+    net = FeatureExtractorInceptionV3("inception-v3-compat", names, feature_extractor_weights_path=str(paths["inception-fidelity"]))
+    net = net.to(device)
+    return lambda x: dict(zip(names, net(x)))
+
+
+def _fidelity_vgg16(paths, device):
+    from torch_fidelity.feature_extractor_vgg16 import FeatureExtractorVGG16
+
+    net = FeatureExtractorVGG16("vgg16", ["fc2"], feature_extractor_weights_path=str(paths["vgg16"])).to(device)
+    return lambda x: {"fc2": net(x)[0]}
+
+
+@lru_cache(maxsize=1)
+def cleanfid_clip_module():
+    """`cleanfid.clip_features`, which imports `clip`; the `clip` package still does
+    `from pkg_resources import packaging`, gone from setuptools >= 81. Where it is missing, a stand-in
+    holding just `packaging` exists while `clip` is imported, and is removed right after."""
+    import importlib
+    import sys
+    import types
+
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        import packaging.version
+
+        sys.modules["pkg_resources"] = types.SimpleNamespace(packaging=packaging)  # type: ignore[assignment]
+        try:
+            return importlib.import_module("cleanfid.clip_features")
+        finally:
+            sys.modules.pop("pkg_resources", None)
+    return importlib.import_module("cleanfid.clip_features")
+
+
+def _cleanfid_clip(paths, device):
+    model = cleanfid_clip_module().CLIP_fx(name=str(paths["clip-vit-b-32"]), device=str(device))  # clip.load takes a file
+    return lambda x: {"clip": model(x.float()).float()}
+
+
+def _clip_preprocess(img: Image.Image) -> torch.Tensor:
+    resized = cleanfid_clip_module().img_preprocess_clip(np.array(img.convert("RGB")))
+    return torch.from_numpy(resized).permute(2, 0, 1).contiguous()
+
+
+def production_extractors() -> dict[str, Extractor]:
+    return {
+        "inception": Extractor(
+            "torch-fidelity inception-v3-compat", ("2048", "logits_unbiased"), _fidelity_inception, ("inception-fidelity",),
+            resize="torch-fidelity: bilinear (TF 1.x compatible) to 299x299 inside the network",
+        ),
+        "vgg16": Extractor(
+            "torch-fidelity vgg16 fc2", ("fc2",), _fidelity_vgg16, ("vgg16",),
+            resize="torch-fidelity: bilinear (TF 1.x compatible) to 224x224 inside the network",
+        ),
+        "clip": Extractor(
+            "clean-fid clip_vit_b_32", ("clip",), _cleanfid_clip, ("clip-vit-b-32",), preprocess=_clip_preprocess,
+            resize="clean-fid: PIL bicubic resize of the short side to 224, centre crop 224x224",
+        ),
+    }
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, files: Sequence[Path], preprocess):
+        self.files, self.preprocess = list(files), preprocess
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.files[i]) as img:
+            return self.preprocess(img)
+
+
+def extract(
+    files: Sequence[Path],
+    extractor: Extractor,
+    network,
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Run `network` (from `extractor.load`) over the files in order -> {feature name: (N, D) float32}."""
+    loader = torch.utils.data.DataLoader(ImageFiles(files, extractor.preprocess), batch_size=batch_size, num_workers=workers)
+    out: dict[str, list[np.ndarray]] = {name: [] for name in extractor.features}
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                feats = network(batch.to(device))
+                for name in extractor.features:
+                    out[name].append(feats[name].detach().float().cpu().numpy())
+                if progress is not None:
+                    progress(batch.shape[0])
+    except RuntimeError as exc:
+        if "stack expects each tensor to be equal size" in str(exc):
+            raise BricsError(f"images of different sizes among {files[0].parent}: every image of a set must have one size") from exc
+        raise
+    return {name: np.concatenate(parts) if parts else np.zeros((0, 0), np.float32) for name, parts in out.items()}
+
+
+def cached_features(
+    files: Sequence[Path],
+    fingerprint: str,
+    cache_dir: Path,
+    extractor: Extractor,
+    network_factory: Callable[[], Callable],
+    **extract_kwargs,
+) -> tuple[dict[str, np.ndarray], bool]:
+    """Features of `files` from `cache_dir` if this set and extractor were seen before; else extracted and stored.
+
+    Returns (features, cache_hit). `network_factory` is called only on a miss.
+    """
+    key = hashlib.sha256(f"{fingerprint}:{len(files)}".encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"features-{extractor.cache_key()}-{key}.npz"
+    if path.is_file():
+        with np.load(path) as data:
+            if all(name in data for name in extractor.features):
+                return {name: data[name] for name in extractor.features}, True
+    feats = extract(files, extractor, network_factory(), **extract_kwargs)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **feats)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only folder: features are simply not cached
+    return feats, False

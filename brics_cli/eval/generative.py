@@ -1,0 +1,182 @@
+"""`brics eval fid|clip-fid|is|kid|prc|all`: generated images against reference images, with the protocol.
+
+Each metric needs one feature of one extractor (features.py); `all` runs each extractor once per
+image set and derives every metric from those features (FID, KID and IS share one Inception pass).
+Reference features are cached by the reference's fingerprint (shard manifest hash or folder listing)
+and the extractor's weight sha256, so evaluating several sample sets against one dataset extracts
+the reference once. The result carries its protocol: what was compared, how many, which weights
+(sha256), libraries, device, and every departure from the paper's protocol (Sec. 4, Suppl. F:
+50k generated images against the training set).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from typing import Callable
+
+import torch
+
+from brics_cli.eval import metrics as M
+from brics_cli.eval import weights
+from brics_cli.eval.features import Extractor, cached_features, production_extractors
+from brics_cli.eval.sources import ImageSet, cache_root
+
+GENERATIVE_METRICS = ("fid", "clip-fid", "is", "kid", "prc")
+NEEDS = {  # metric -> (extractor, feature)
+    "fid": ("inception", "2048"),
+    "kid": ("inception", "2048"),
+    "is": ("inception", "logits_unbiased"),
+    "prc": ("vgg16", "fc2"),
+    "clip-fid": ("clip", "clip"),
+}
+PAPER_SAMPLES = 50_000
+LIBRARIES = ("torch", "torchvision", "torch-fidelity", "clean-fid", "clip-anytorch", "scipy", "numpy", "brics")
+
+ProgressFactory = Callable[[str, int], Callable[[int], None]]
+
+
+def expand(metric: str) -> list[str]:
+    return list(GENERATIVE_METRICS) if metric == "all" else [metric]
+
+
+def required_weights(metric_names: list[str], extractors: dict[str, Extractor] | None = None) -> list[str]:
+    extractors = extractors or production_extractors()
+    names = []
+    for metric in metric_names:
+        for w in extractors[NEEDS[metric][0]].weights:
+            if w not in names:
+                names.append(w)
+    return names
+
+
+def library_versions() -> dict[str, str | None]:
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _features(image_set: ImageSet, extractor: Extractor, device, batch_size, workers, progress: ProgressFactory | None, label: str):
+    advance = progress(label, len(image_set.files)) if progress else None
+    feats, cache_hit = cached_features(
+        image_set.files, image_set.fingerprint, cache_root() / "features", extractor, lambda: extractor.load(device),
+        device=device, batch_size=batch_size, workers=workers, progress=advance,
+    )
+    if cache_hit and advance is not None:
+        advance(len(image_set.files))
+    return feats
+
+
+def evaluate(
+    metric_names: list[str],
+    samples: ImageSet,
+    reference: ImageSet | None,
+    *,
+    device: torch.device,
+    extractors: dict[str, Extractor] | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    reference_is_recorded: bool = True,
+    progress: ProgressFactory | None = None,
+) -> dict:
+    """`{METRIC: VALUE, ..., "protocol": {...}}` for the metrics asked (keys fid, clip_fid, is_mean, is_std,
+    kid_mean, kid_std, precision, recall, f1)."""
+    extractors = extractors or production_extractors()
+    needed = {NEEDS[m][0] for m in metric_names}
+    needs_reference = any(m != "is" for m in metric_names)
+    weights.require_all(required_weights(metric_names, extractors))  # before any work
+    gen, ref = {}, {}
+    for name in sorted(needed):
+        ex = extractors[name]
+        gen[name] = _features(samples, ex, device, batch_size, workers, progress, f"{name} samples")
+        if needs_reference and any(NEEDS[m][0] == name and m != "is" for m in metric_names):
+            ref[name] = _features(reference, ex, device, batch_size, workers, progress, f"{name} reference")
+
+    result: dict = {}
+    kid_size = None
+    for metric in metric_names:
+        ex_name, feature = NEEDS[metric]
+        g = gen[ex_name][feature]
+        if metric in ("fid", "clip-fid"):
+            result["fid" if metric == "fid" else "clip_fid"] = M.fid(g, ref[ex_name][feature])
+        elif metric == "is":
+            result["is_mean"], result["is_std"] = M.inception_score(g)
+        elif metric == "kid":
+            r = ref[ex_name][feature]
+            kid_size = min(M.KID_SUBSET_SIZE, len(g), len(r))
+            result["kid_mean"], result["kid_std"] = M.kid(g, r, subset_size=kid_size)
+        elif metric == "prc":
+            p, r = M.precision_recall(torch.from_numpy(g).to(device), torch.from_numpy(ref[ex_name][feature]).to(device))
+            result.update(precision=p, recall=r, f1=M.f1_score(p, r))
+    result["protocol"] = protocol(metric_names, samples, reference if needs_reference else None, extractors, device, kid_size, reference_is_recorded)
+    return result
+
+
+def protocol(metric_names, samples: ImageSet, reference: ImageSet | None, extractors, device, kid_size, reference_is_recorded) -> dict:
+    used = sorted({NEEDS[m][0] for m in metric_names})
+    manifest = samples.manifest or {}
+    proto = {
+        "metrics": metric_names,
+        "n_generated": len(samples.files),
+        "n_reference": len(reference.files) if reference else None,
+        "samples": {
+            "path": str(samples.path), "manifest_sha256": samples.manifest_sha256,
+            "run": manifest.get("run"), "checkpoint_sha256": manifest.get("checkpoint_sha256"),
+        },
+        "reference": None if reference is None else {
+            "kind": reference.kind, "path": str(reference.path), "source": reference.source, "split": reference.split,
+            "manifest_sha256": reference.manifest_sha256, "fingerprint": reference.fingerprint,
+            "recorded_for_samples": reference_is_recorded,
+        },
+        "feature_extractors": {m: f"{extractors[NEEDS[m][0]].name} / {NEEDS[m][1]}" for m in metric_names},
+        "resize": {extractors[e].name: extractors[e].resize for e in used},
+        "weights": [weights.describe(w) for w in required_weights(metric_names, extractors)],
+        "libraries": library_versions(),
+        "device": str(device),
+    }
+    if "kid" in metric_names:
+        proto["kid"] = {"subsets": M.KID_SUBSETS, "subset_size": kid_size, "kernel": "(x.y/D + 1)^3", "seed": M.SEED}
+    if "is" in metric_names:
+        proto["is"] = {"splits": M.IS_SPLITS, "seed": M.SEED}
+    if "prc" in metric_names:
+        proto["prc"] = {"k": M.PRC_K, "feature": "vgg16 fc2 (pre-ReLU)"}
+    proto["departures"] = departures(proto)
+    return proto
+
+
+def departures(proto: dict) -> list[str]:
+    """How this evaluation differs from the paper's protocol (empty when it does not)."""
+    out = []
+    if proto["n_generated"] < PAPER_SAMPLES:
+        out.append(f"{proto['n_generated']} generated images, the paper used {PAPER_SAMPLES}")
+    ref = proto["reference"]
+    if ref is not None:
+        if not ref["recorded_for_samples"]:
+            out.append("the reference is not the training data recorded for these samples")
+        if ref["split"] not in (None, "train"):
+            out.append(f"the reference is the '{ref['split']}' split, the paper compared with the training images")
+    kid = proto.get("kid")
+    if kid and kid["subset_size"] < M.KID_SUBSET_SIZE:
+        out.append(f"KID subsets of {kid['subset_size']} images (torch-fidelity's default is {M.KID_SUBSET_SIZE})")
+    unverified = [w["file"] for w in proto["weights"] if w.get("verified") is False]
+    if unverified:
+        out.append(f"weight files that are not the published ones: {', '.join(unverified)}")
+    return out
+
+
+def summary_rows(result: dict) -> list[tuple[str, str]]:
+    """(metric, formatted value) rows for a table, in the paper's order."""
+    rows = []
+    for key, label in (("fid", "FID"), ("clip_fid", "CLIP-FID"), ("is_mean", "IS"), ("kid_mean", "KID"),
+                       ("precision", "Precision"), ("recall", "Recall"), ("f1", "F1")):
+        if key in result:
+            value = f"{result[key]:.4g}"
+            std_key = key.replace("_mean", "_std")
+            if std_key != key and std_key in result:
+                value += f" +- {result[std_key]:.2g}"
+            rows.append((label, value))
+    return rows
+

@@ -1,0 +1,225 @@
+"""Where `brics eval` and `brics nn-search` find their images when not told.
+
+- Samples: a folder written by `brics sample` -- PNGs plus `manifest.json` with at least
+  {"run", "checkpoint_sha256", "sampler", "steps", "seed", "count", "files"}. Without `--samples`,
+  the newest such manifest (by modification time) under `./runs/` (at most 4 levels deep) is used.
+- Reference: `--ref` is a shard folder (has a `brics shard` manifest.json) or a plain image folder.
+  Without it, the training data recorded for the samples: the manifest's "data" (a shard folder),
+  else `data.shards` of the run's `config.yaml` (the "run" folder, then its parent).
+- A shard folder is exported once, as the images stored in its tars (no re-encoding), into a cache
+  folder the metric libraries can read: `$BRICS_CACHE_DIR` (default `~/.cache/brics`)
+  `/reference/<sha256 of manifest.json, 16 hex>-<split>/`; it is reused while the shard manifest's
+  hash is unchanged.
+- Reconstructions: a folder written by `brics reconstruct` holding `inputs/` and `recon/` with PNGs of
+  the same names (pairs matched by name).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from brics_cli.errors import BricsError, ConfigError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SAMPLE_KEYS = ("run", "checkpoint_sha256", "sampler", "steps", "seed", "count", "files")
+SEARCH_DEPTH = 4
+
+
+@dataclass
+class ImageSet:
+    """A set of image files with an identity: what it is, where, and a fingerprint for caches."""
+
+    files: list[Path]
+    path: Path  # folder of the files (for shards: the export cache)
+    fingerprint: str
+    kind: str  # "samples" | "shards" | "folder"
+    manifest_sha256: str | None = None
+    source: str | None = None  # the shard folder for kind "shards"
+    split: str | None = None
+    manifest: dict | None = None  # the samples' manifest
+
+    def describe(self) -> str:
+        where = f"{self.source} ({self.split} split, exported to {self.path})" if self.kind == "shards" else str(self.path)
+        return f"{len(self.files)} images from {where}"
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by name; hidden files and contact sheets (grid.png, nn-grid.png) left out."""
+    return sorted(
+        p for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and not p.name.endswith("grid.png") and p.is_file()
+    )
+
+
+def fingerprint_files(files: Sequence[Path]) -> str:
+    """Identity of a plain image folder: names, sizes and modification times."""
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_sample_manifest(obj) -> bool:
+    return isinstance(obj, dict) and all(k in obj for k in SAMPLE_KEYS)
+
+
+def _find(root: Path, name: str) -> list[Path]:
+    """`root/name`, `root/*/name`, ... down to SEARCH_DEPTH levels below root."""
+    return [p for depth in range(SEARCH_DEPTH + 1) for p in root.glob("/".join(["*"] * depth + [name]))]
+
+
+def newest_samples(root: Path = Path("runs")) -> Path:
+    """The folder of the newest `brics sample` manifest under `root` (depth <= 4)."""
+    found = []
+    for manifest in _find(root, "manifest.json"):
+        try:
+            if is_sample_manifest(json.loads(manifest.read_text())):
+                found.append(manifest)
+        except (OSError, ValueError):
+            continue
+    if not found:
+        raise ConfigError(f"no `brics sample` output under {root}/ (a manifest.json with {', '.join(SAMPLE_KEYS)}); pass --samples DIR")
+    return max(found, key=lambda p: p.stat().st_mtime_ns).parent
+
+
+def load_samples(folder: Path, n: int | None = None, strict: bool = True) -> ImageSet:
+    """A samples folder: the manifest's files in order (first `n`; more than it holds is an error when
+    `strict`), or its images when it has no manifest."""
+    if not folder.is_dir():
+        raise ConfigError(f"--samples: folder not found: {folder}")
+    manifest_path = folder / "manifest.json"
+    manifest, manifest_sha = None, None
+    if manifest_path.is_file():
+        raw = manifest_path.read_bytes()
+        manifest, manifest_sha = json.loads(raw), sha256_bytes(raw)
+        if not is_sample_manifest(manifest):
+            missing = [k for k in SAMPLE_KEYS if k not in manifest]
+            raise ConfigError(f"{manifest_path} is not a `brics sample` manifest (missing {', '.join(missing)})")
+        files = [folder / name for name in manifest["files"]]
+        absent = [p.name for p in files if not p.is_file()]
+        if absent:
+            raise BricsError(f"{folder}: {len(absent)} files named in manifest.json are missing (first: {absent[0]})")
+    else:
+        files = list_images(folder)
+    if n is not None:
+        if strict and n > len(files):
+            raise ConfigError(f"--n {n}: {folder} holds only {len(files)} images")
+        files = files[:n]
+    if not files:
+        raise ConfigError(f"no images in {folder}")
+    return ImageSet(files, folder, manifest_sha or fingerprint_files(files), "samples", manifest_sha, manifest=manifest)
+
+
+def recorded_reference(samples: ImageSet) -> str | None:
+    """The training data of the run that made the samples: manifest "data", else the run's config data.shards."""
+    manifest = samples.manifest or {}
+    if manifest.get("data"):
+        return str(manifest["data"])
+    run = manifest.get("run")
+    if not run:
+        return None
+    import yaml
+
+    for candidate in (Path(run) / "config.yaml", Path(run).parent / "config.yaml"):
+        if candidate.is_file():
+            try:
+                shards = (yaml.safe_load(candidate.read_text()) or {}).get("data", {}).get("shards")
+            except (yaml.YAMLError, AttributeError):
+                continue
+            if shards:
+                return str(shards)
+    return None
+
+
+def cache_root() -> Path:
+    return Path(os.path.expanduser(os.environ.get("BRICS_CACHE_DIR", "~/.cache/brics")))
+
+
+def load_reference(ref: str, split: str = "train", n: int | None = None, progress: Callable[[int, int], None] | None = None) -> ImageSet:
+    """A shard folder (exported once to the PNG cache) or a plain image folder."""
+    folder = Path(ref)
+    if not folder.is_dir():
+        raise ConfigError(f"--ref: {ref} is neither a shard folder nor an image folder")
+    manifest = folder / "manifest.json"
+    if manifest.is_file() and "shards" in json.loads(manifest.read_text()):
+        image_set = export_shards(folder, split, progress)
+    else:
+        files = list_images(folder)
+        if not files:
+            raise ConfigError(f"--ref: no images in {folder}")
+        image_set = ImageSet(files, folder, fingerprint_files(files), "folder")
+    if n is not None and n < len(image_set.files):
+        image_set.files = image_set.files[:n]
+    return image_set
+
+
+def export_shards(shards: Path, split: str, progress: Callable[[int, int], None] | None = None) -> ImageSet:
+    """Write every image of `split` from the shards into the cache as `<key>.<ext>` (bytes as stored)."""
+    raw = (shards / "manifest.json").read_bytes()
+    manifest, manifest_sha = json.loads(raw), sha256_bytes(raw)
+    names = sorted(n for n in manifest["shards"] if n.startswith(f"{split}-"))
+    if not names:
+        raise ConfigError(f"--ref: {shards} has no '{split}' shards")
+    target = cache_root() / "reference" / f"{manifest_sha[:16]}-{split}"
+    record = target / "export.json"
+    if record.is_file():
+        done = json.loads(record.read_text())
+        files = [target / f for f in done["files"]]
+        if done.get("manifest_sha256") == manifest_sha and all(p.is_file() for p in files):
+            return ImageSet(files, target, manifest_sha, "shards", manifest_sha, str(shards.resolve()), split)
+    total = manifest["counts"].get(split, 0)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files = []
+    for name in names:
+        with tarfile.open(shards / name) as tar:
+            for member in tar:
+                stem, _, ext = member.name.partition(".")
+                if "." + ext.lower() not in IMAGE_SUFFIXES or not member.isfile() or "/" in stem:
+                    continue
+                (tmp / f"{stem}.{ext}").write_bytes(tar.extractfile(member).read())
+                files.append(f"{stem}.{ext}")
+                if progress is not None:
+                    progress(1, total)
+    (tmp / "export.json").write_text(json.dumps({
+        "shards": str(shards.resolve()), "manifest_sha256": manifest_sha, "split": split, "count": len(files), "files": files,
+    }))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return ImageSet([target / f for f in files], target, manifest_sha, "shards", manifest_sha, str(shards.resolve()), split)
+
+
+def newest_reconstruction(root: Path = Path(".")) -> Path:
+    """The newest folder holding inputs/ and recon/: ./recon itself or below it, or below ./runs (depth <= 4)."""
+    found = [p.parent for base in (root / "recon", root / "runs") for p in _find(base, "inputs") if (p.parent / "recon").is_dir()]
+    if not found:
+        raise ConfigError("no `brics reconstruct` output found (a folder with inputs/ and recon/ under ./recon or ./runs); pass --samples DIR")
+    return max(found, key=lambda p: (p / "recon").stat().st_mtime_ns)
+
+
+def reconstruction_pairs(folder: Path) -> list[tuple[Path, Path]]:
+    """(input, reconstruction) file pairs of a `brics reconstruct` folder, matched by name."""
+    inputs, recons = folder / "inputs", folder / "recon"
+    if not (inputs.is_dir() and recons.is_dir()):
+        raise ConfigError(f"{folder} is not a reconstruction folder: it needs inputs/ and recon/ with PNGs of the same names")
+    a = {p.name: p for p in list_images(inputs)}
+    b = {p.name: p for p in list_images(recons)}
+    if set(a) != set(b):
+        only = sorted(set(a) ^ set(b))
+        raise BricsError(f"{folder}: inputs/ and recon/ differ in {len(only)} file names (first: {only[0]})")
+    if not a:
+        raise ConfigError(f"{folder}: no images in inputs/")
+    return [(a[name], b[name]) for name in sorted(a)]
