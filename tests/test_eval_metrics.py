@@ -187,3 +187,15 @@ def test_evaluate_all_extracts_once_per_set_and_matches_direct_metrics(tmp_path,
         net.calls = 0
     again = evaluate(["fid"], samples, reference, device=torch.device("cpu"), extractors=extractors)
     assert again["fid"] == result["fid"] and nets["inception"].calls == 0
+
+
+def test_too_few_images_is_a_usage_error(tmp_path, monkeypatch):
+    from brics_cli.errors import ConfigError
+
+    monkeypatch.setenv("BRICS_CACHE_DIR", str(tmp_path / "cache"))
+    net = RandomFeatureNet(0, "2048", "logits_unbiased")
+    extractors = {"inception": Extractor("random", ("2048", "logits_unbiased"), lambda paths, device: net)}
+    samples = load_samples(make_samples(tmp_path / "samples", photo_crops(5, seed=0)))
+    with pytest.raises(ConfigError, match="is needs at least 10 generated images, got 5"):
+        evaluate(["is"], samples, None, device=torch.device("cpu"), extractors=extractors)
+    assert net.calls == 0  # refused before any feature was computed

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from brics_cli.errors import ConfigError
 from brics_cli.eval import metrics as M
 from brics_cli.eval import weights
 from brics_cli.eval.features import Extractor, cached_features, production_extractors
@@ -30,6 +31,7 @@ NEEDS = {  # metric -> (extractor, feature)
     "clip-fid": ("clip", "clip"),
 }
 PAPER_SAMPLES = 50_000
+MIN_IMAGES = {"fid": 2, "clip-fid": 2, "kid": 2, "is": M.IS_SPLITS, "prc": M.PRC_K + 1}  # per image set
 LIBRARIES = ("torch", "torchvision", "torch-fidelity", "clean-fid", "clip-anytorch", "scipy", "numpy", "brics")
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -88,6 +90,11 @@ def evaluate(
     needed = {NEEDS[m][0] for m in metric_names}
     needs_reference = any(m != "is" for m in metric_names)
     weights.require_all(required_weights(metric_names, extractors))  # before any work
+    for metric in metric_names:
+        sets = [("generated", samples)] + ([("reference", reference)] if metric != "is" else [])
+        for label, image_set in sets:
+            if len(image_set.files) < MIN_IMAGES[metric]:
+                raise ConfigError(f"{metric} needs at least {MIN_IMAGES[metric]} {label} images, got {len(image_set.files)}")
     gen, ref = {}, {}
     for name in sorted(needed):
         ex = extractors[name]

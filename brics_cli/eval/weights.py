@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from brics_cli.data.shards import sha256_file
 from brics_cli.errors import BricsError
 
 ALLOW_UNVERIFIED_ENV = "BRICS_ALLOW_UNVERIFIED_WEIGHTS"
@@ -164,11 +165,7 @@ def locate(name: str) -> Path | None:
 
 @lru_cache(maxsize=64)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(Path(path))
 
 
 def sha256_of(path: Path) -> str:
