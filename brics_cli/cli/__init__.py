@@ -13,7 +13,7 @@ import sys
 import typer
 
 from brics_cli import __version__
-from brics_cli.cli import ae_train, diffusion_train, info, nn_search, plugins, reconstruct, sample, shard, weights
+from brics_cli.cli import ae_train, demo, diffusion_train, info, nn_search, plugins, reconstruct, sample, shard, weights
 from brics_cli.cli import eval as eval_cli
 from brics_cli.errors import BricsError
 
@@ -48,6 +48,7 @@ app.command("ae-train")(ae_train.ae_train)
 app.command("reconstruct")(reconstruct.reconstruct)
 app.command("diffusion-train")(diffusion_train.diffusion_train)
 app.command("sample")(sample.sample)
+app.command("demo")(demo.demo)
 app.add_typer(plugins.app, name="plugins")
 app.add_typer(shard.app, name="shard")
 app.command("eval")(eval_cli.eval_command)
