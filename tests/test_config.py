@@ -55,7 +55,7 @@ MALFORMED = [
     ("unknown section", GOOD.replace("run:", "runn:"), [], ["runn", "did you mean 'run'", "bad.yaml:"]),
     ("wrong type", GOOD.replace("    levels: 8", "    levels: eight"), [], ["ae.grid.levels", "integer", "bad.yaml:"]),
     ("bad choice", GOOD.replace("tiling: interleaved", "tiling: interleave"), [], ["ae.code.tiling", "did you mean 'interleaved'"]),
-    ("malformed yaml", GOOD.replace("  resolution: 64\nrun:", "  resolution: [64\nrun:"), [], ["malformed YAML", "bad.yaml"]),
+    ("malformed yaml", GOOD.replace("  resolution: 64\n", "  resolution: [64\n", 1), [], ["malformed YAML", "bad.yaml"]),
     ("missing file", None, [], ["not found", "bad.yaml"]),
     ("unknown decoder", GOOD.replace("name: stylegan", "name: stylegn"), [], ["ae.decoder.name", "did you mean 'stylegan'"]),
     ("unknown retrieval", GOOD.replace("retrieval: grid", "retrieval: hsh"), [], ["hsh", "did you mean 'hash'", "bad.yaml"]),
