@@ -38,6 +38,7 @@ def sample(
 
     from brics_cli.diffusion.generate import file_name, generate, missing_indices
     from brics_cli.errors import BricsError, ConfigError
+    from brics_cli.data.shards import sha256_file
     from brics_cli.registry import SAMPLERS
     from brics_cli.train import checkpoint as ckpt
     from brics_cli.train.ae import load_autoencoder
@@ -100,7 +101,7 @@ def sample(
         manifest = {
             "run": str(run if run.is_dir() else path.parent.parent),
             "checkpoint": str(path),
-            "checkpoint_sha256": ckpt.file_sha256(path),
+            "checkpoint_sha256": sha256_file(path),
             "ema": not no_ema,
             "sampler": sampler,
             "steps": steps,
@@ -110,7 +111,7 @@ def sample(
             "files": files,
             "ae_checkpoint": str(ae_ckpt),
             "data": data,
-            "data_manifest_sha256": ckpt.file_sha256(Path(data) / "manifest.json") if (Path(data) / "manifest.json").is_file() else None,
+            "data_manifest_sha256": sha256_file(Path(data) / "manifest.json") if (Path(data) / "manifest.json").is_file() else None,
         }
         ckpt.atomic_write_json(out / "manifest.json", manifest)
         from PIL import Image

@@ -11,28 +11,20 @@ written atomically; a rerun writes only the missing indices.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image
 
 from brics_cli.diffusion.loss import x0_to_codes
 from brics_cli.diffusion.samplers import sample_generators
 from brics_cli.registry import SAMPLERS
 from brics_cli.train.checkpoint import atomic_write_bytes
+from brics_cli.train.loop import png_bytes
 
 
 def file_name(index: int) -> str:
     return f"{index:06d}.png"
-
-
-def png_bytes(image: torch.Tensor) -> bytes:
-    array = ((image.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def fixed_blocks(model, chunk: int):

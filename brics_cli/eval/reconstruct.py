@@ -21,24 +21,16 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from brics_cli import __version__
 from brics_cli.data.config import DataConfig
 from brics_cli.errors import BricsError
 from brics_cli.models.keycode import key_queries, tile_key_codes
-from brics_cli.train.checkpoint import atomic_write_bytes, atomic_write_json, file_sha256
-from brics_cli.train.loop import save_image_grid
+from brics_cli.data.shards import sha256_file
+from brics_cli.train.checkpoint import atomic_write_bytes, atomic_write_json
+from brics_cli.train.loop import png_bytes, save_image_grid
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-
-
-def to_png(image: torch.Tensor) -> bytes:
-    """(3, H, W) in [-1, 1] -> PNG bytes (rounded to 8 bits)."""
-    array = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def folder_images(folder: Path, resolution: int, skipped: dict[str, int]) -> Iterator[tuple[torch.Tensor, str]]:
@@ -150,8 +142,8 @@ def reconstruct(
             counts = c if counts is None else counts + c
         for i in range(x.shape[0]):
             index = len(keys) - len(xs) + i
-            atomic_write_bytes(out / "inputs" / f"{index:06d}.png", to_png(x[i]))
-            atomic_write_bytes(out / "recon" / f"{index:06d}.png", to_png(recon[i]))
+            atomic_write_bytes(out / "inputs" / f"{index:06d}.png", png_bytes(x[i]))
+            atomic_write_bytes(out / "recon" / f"{index:06d}.png", png_bytes(recon[i]))
             if len(shown) < grid_images:
                 shown.append((x[i].cpu(), recon[i].cpu()))
         if progress is not None:
@@ -182,7 +174,7 @@ def reconstruct(
     atomic_write_json(out / "manifest.json", {
         "command": "reconstruct",
         "checkpoint": str(checkpoint),
-        "checkpoint_sha256": file_sha256(checkpoint),
+        "checkpoint_sha256": sha256_file(checkpoint),
         "input": str(source),
         "split": split,
         "count": len(keys),

@@ -13,7 +13,6 @@ the middle leaves at most a `.tmp` file that the next save or load ignores and r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -85,14 +84,6 @@ def load_tensors(path: Path, prefix: str = "", device: str | torch.device = "cpu
             if key.startswith(prefix):
                 out[key[len(prefix):]] = f.get_tensor(key)
     return out
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class CheckpointDir:

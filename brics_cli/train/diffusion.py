@@ -33,8 +33,9 @@ from brics_cli.diffusion.schedules import build_schedule
 from brics_cli.errors import BricsError, ConfigError
 from brics_cli.models.unet import UNet
 from brics_cli.registry import SAMPLERS
+from brics_cli.data.shards import sha256_file
 from brics_cli.train import checkpoint as ckpt
-from brics_cli.train.ae import find_checkpoint, load_autoencoder
+from brics_cli.train.ae import find_checkpoint, grad_norm, load_autoencoder
 from brics_cli.train.loop import EMA, MetricsLog, NonFiniteGuard, StopRequest, TrainProgress, save_image_grid
 from brics_cli.train.runtime import Runtime, seed_everything
 
@@ -47,13 +48,13 @@ PART_SIZE = 4096  # codes per cache file
 def data_fingerprint(shards: str) -> str:
     manifest = Path(shards) / "manifest.json"
     if manifest.is_file():
-        return ckpt.file_sha256(manifest)
+        return sha256_file(manifest)
     return hashlib.sha256(shards.encode()).hexdigest()  # a shard URL pattern: its text
 
 
 def codes_key(ae_checkpoint: Path, shards: str, flip: bool) -> str:
     h = hashlib.sha256()
-    h.update(ckpt.file_sha256(ae_checkpoint).encode())
+    h.update(sha256_file(ae_checkpoint).encode())
     h.update(data_fingerprint(shards).encode())
     h.update(b"flip" if flip else b"noflip")
     return h.hexdigest()[:16]
@@ -78,15 +79,14 @@ def encode_dataset(ae, data_cfg, folder: Path, device: torch.device, batch: int 
     codes: list[Tensor] = []
 
     def encode(images: list[Tensor]) -> Tensor:
-        out = []
+        """Codes of the images, then (data.flip) of their mirror images."""
+        plain, mirrored = [], []
         for start in range(0, len(images), batch):
             x = torch.stack(images[start:start + batch]).to(device)
-            out.append(ae.encode(x)[0].to(torch.float16).cpu())
-        z = torch.cat(out)
-        if data_cfg.flip:
-            z = torch.cat([z, torch.cat([ae.encode(torch.stack(images[s:s + batch]).to(device).flip(-1))[0].to(torch.float16).cpu()
-                                         for s in range(0, len(images), batch)])])
-        return z
+            plain.append(ae.encode(x)[0].to(torch.float16).cpu())
+            if data_cfg.flip:
+                mirrored.append(ae.encode(x.flip(-1))[0].to(torch.float16).cpu())
+        return torch.cat(plain + mirrored)
 
     def finish_part(images: list[Tensor], present: bool) -> None:
         name = f"part-{len(parts):06d}.safetensors"
@@ -177,7 +177,7 @@ class DiffusionTrainer:
             "config": to_dict(self.recipe),
             "code_shape": list(self.shape),
             "ae_checkpoint": str(self.ae_checkpoint),
-            "ae_checkpoint_sha256": ckpt.file_sha256(self.ae_checkpoint),
+            "ae_checkpoint_sha256": sha256_file(self.ae_checkpoint),
             "codes": self.codes_info,
             "brics_version": __version__,
             "torch_version": torch.__version__,
@@ -220,8 +220,7 @@ class DiffusionTrainer:
         loss, terms = diffusion_loss(self.model, self.schedule, x0)
         loss.backward()
         values = {k: float(v) for k, v in terms.items()}
-        grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
-        values["grad_norm"] = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        values["grad_norm"] = grad_norm(list(self.unet.parameters()))
         bad = NonFiniteGuard.bad_terms(values)
         if self.rt.any_flag(bool(bad)):
             self.opt.zero_grad(set_to_none=True)

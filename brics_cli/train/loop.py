@@ -171,19 +171,21 @@ class TrainProgress:
             self.progress.stop()
 
 
-def save_image_grid(rows: list[torch.Tensor], path: Path) -> None:
-    """Rows of images (B, 3, H, W) in [-1, 1] stacked vertically into one PNG (atomically)."""
+def png_bytes(image: torch.Tensor) -> bytes:
+    """One image (3, H, W) in [-1, 1] -> PNG bytes, rounded to 8 bits."""
     import io
 
     from PIL import Image
 
+    array = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_image_grid(rows: list[torch.Tensor], path: Path) -> None:
+    """Rows of images (B, 3, H, W) in [-1, 1] stacked vertically into one PNG (atomically)."""
     from brics_cli.train.checkpoint import atomic_write_bytes
 
-    tiles = []
-    for row in rows:
-        row = ((row.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        tiles.append(torch.cat(list(row), dim=2))  # (3, H, B*W)
-    grid = torch.cat(tiles, dim=1).permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    grid = torch.cat([torch.cat(list(row.detach().cpu()), dim=2) for row in rows], dim=1)  # (3, rows*H, B*W)
+    atomic_write_bytes(path, png_bytes(grid))
