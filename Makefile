@@ -26,6 +26,7 @@ bench: install
 	$(PY) benchmarks/retrieval.py --out benchmarks/out/retrieval.json
 	$(PY) benchmarks/shard.py --out benchmarks/out/shard.json
 	$(PY) benchmarks/nn_search.py --out benchmarks/out/nn_search.json
+	$(PY) benchmarks/ae.py --repeats 1 --out benchmarks/out/ae.json
 	$(PIP) install --quiet -e '.[bench]'
 	$(PY) benchmarks/decoders.py --out benchmarks/out/decoders.json
 	$(PY) benchmarks/diffusion.py --out benchmarks/out/diffusion.json

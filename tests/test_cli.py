@@ -88,3 +88,22 @@ def test_info_memory_reports_a_measured_peak():
     assert m["static_bytes"] == report["components"]["grids"]["params"] * 4 + report["components"]["retrieval"]["params"] * 4
     # The step holds at least the table gradient (same size as the tables) at its peak.
     assert m["step_peak_bytes"] >= report["components"]["grids"]["params"] * 4
+
+
+def test_live_bytes_counts_allocations_not_views_of_existing_tensors():
+    import torch
+
+    from brics_cli.models.summary import _LiveBytes
+
+    mib = 1 << 20
+    param = torch.nn.Parameter(torch.zeros(mib // 4))  # 1 MiB, allocated before the measurement
+    tracker = _LiveBytes()
+    with tracker:
+        view = param.view(512, 512)  # a view of existing storage: no new bytes
+        grad = torch.zeros_like(param)  # 1 MiB
+        grad.index_add_(0, torch.arange(8), torch.ones(8))  # in place: no new storage (+ 96 B of inputs)
+        doubled = view * 2  # 1 MiB
+        del doubled
+        flat = grad.reshape(-1)  # view
+    assert 2 * mib <= tracker.peak <= 2 * mib + 256
+    assert flat.data_ptr() == grad.data_ptr()

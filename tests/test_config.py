@@ -63,7 +63,7 @@ MALFORMED = [
     ("override without =", GOOD, ["ae.grid.levels"], ["ae.grid.levels", "section.key=value"]),
     ("inconsistent sizes", GOOD.replace("    channels: 4\n", "    channels: 5\n    key_channels: 2\n", 1).replace("    key_channels: 1\n", "", 1), [], ["ae.code.channels", "key_channels", "bad.yaml"]),
     ("section given a value", GOOD.replace("  mlp:\n    hidden: 32\n    layers: 3\n", "  mlp: 3\n"), [], ["ae.mlp", "section"]),
-    ("list of wrong length", GOOD.replace("betas: [0.0, 0.99]", "betas: [0.9]"), [], ["ae.optim.betas", "2 values"]),
+    ("list of wrong length", GOOD.replace("betas: [0.9, 0.99]", "betas: [0.9]"), [], ["ae.optim.betas", "2 values"]),
 ]
 
 

@@ -1,5 +1,6 @@
 """AE loss terms and optimisers against their formulas (paper Eq. 5, Suppl. A.2-A.3; Gulrajani et al.)."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -53,3 +54,25 @@ def test_optimizers_use_the_papers_separate_eps():
     assert g_opt.defaults["eps"] == 1e-15 and d_opt.defaults["eps"] == 1e-8
     assert g_opt.defaults["betas"] == (0.0, 0.99) and g_opt.defaults["lr"] == 2e-3
     assert {id(p) for p in g_opt.param_groups[0]["params"]} == {id(p) for p in g.parameters()}
+    assert g_opt.param_groups[1]["params"] == []  # no grid tables in a plain module
+
+
+def test_grid_lr_puts_exactly_the_grid_tables_in_their_own_group():
+    from brics_cli.models.autoencoder import BRICSAutoencoder
+    from brics_cli.recipe import load_recipe
+    from conftest import TINY_RECIPE
+
+    recipe = load_recipe(TINY_RECIPE, ["ae.optim.grid_lr=0.01"])
+    ae = BRICSAutoencoder(recipe.ae, recipe.data.resolution)
+    g_opt, _ = build_optimizers(recipe.ae.optim, ae, nn.Linear(2, 1))
+    rest, tables = g_opt.param_groups
+    assert tables["lr"] == 0.01 and rest["lr"] == recipe.ae.optim.lr
+    assert [id(p) for p in tables["params"]] == [id(ae.retrieval.grids.tables)]
+    assert len(rest["params"]) + 1 == len(list(ae.parameters()))
+    # Adam's first step moves every parameter by ~lr (sign-like update): the tables by grid_lr.
+    before = ae.retrieval.grids.tables.detach().clone()
+    x = torch.rand(2, 3, recipe.data.resolution, recipe.data.resolution) * 2 - 1
+    ae(x).recon.square().mean().backward()
+    g_opt.step()
+    moved = (ae.retrieval.grids.tables.detach() - before).abs()
+    assert moved.max() == pytest.approx(0.01, rel=1e-3)

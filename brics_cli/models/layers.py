@@ -103,17 +103,23 @@ def blur(x: Tensor, pad: tuple[int, int], gain: float = 1.0) -> Tensor:
     purpose: brics counts multiply-accumulates with torch.utils.flop_counter, which counts conv and
     matmul ops but not elementwise ones, and the authors' ~67.7 GMAC decoder count likewise left out
     their upfirdn2d custom op. A depthwise conv here would add ~0.2 GMAC to the 256x256 decoder.
+    The sums accumulate in place into one buffer per axis (autograd-safe: scalar multiplies and adds
+    save no inputs), 3.8x faster on CPU than summing temporaries (benchmarks/RESULTS.md, Decoders).
     """
     p0, p1 = pad
     x = F.pad(x, (p0, p1, p0, p1))  # (B, C, H + p0 + p1, W + p0 + p1); negative pads crop
     taps = [t / sum(FIR_TAPS) * math.sqrt(gain) for t in FIR_TAPS]
     n = len(taps)
-    h = x.shape[2] - n + 1
     # The filter is symmetric, so correlation and convolution agree.
-    x = sum(t * x[:, :, i : i + h, :] for i, t in enumerate(taps))  # (B, C, H', W + p0 + p1)
-    w = x.shape[3] - n + 1
-    x = sum(t * x[:, :, :, i : i + w] for i, t in enumerate(taps))  # (B, C, H', W')
-    return x
+    h = x.shape[2] - n + 1
+    y = x[:, :, 0:h, :] * taps[0]  # (B, C, H', W + p0 + p1)
+    for i in range(1, n):
+        y.add_(x[:, :, i : i + h, :], alpha=taps[i])
+    w = y.shape[3] - n + 1
+    out = y[:, :, :, 0:w] * taps[0]  # (B, C, H', W')
+    for i in range(1, n):
+        out.add_(y[:, :, :, i : i + w], alpha=taps[i])
+    return out
 
 
 class ModulatedConv2d(nn.Module):

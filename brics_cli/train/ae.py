@@ -450,6 +450,7 @@ class AETrainer:
                         record = self.rt.mean_over_ranks(record)
                         record["img_per_s"] = images_window / max(elapsed, 1e-9)
                         record["lr"] = self.g_opt.param_groups[0]["lr"]
+                        record["lr_grid"] = self.g_opt.param_groups[1]["lr"]
                         record["grid_usage"] = self.code_usage(micro_batches[0]) if self.rt.is_main else 0.0
                         if val_psnr is not None:
                             record["val_psnr_ema"] = val_psnr  # PSNR of the EMA on the fixed validation batch

