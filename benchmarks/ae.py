@@ -14,13 +14,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from common import emit  # benchmarks/common.py (scripts run as `python benchmarks/NAME.py`)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,11 +83,7 @@ def main() -> None:
             results[f"retrieval_memory_{interpolation}_batch{batch}_mib"] = mem["step_peak_bytes"] / 2**20
             results[f"retrieval_memory_{interpolation}_batch{batch}"] = mem
     results["paper_retrieval_memory_mb"] = {"batch1": 91.2, "batch2": 126.05}
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from common import emit  # benchmarks/common.py (scripts run as `python benchmarks/NAME.py`)
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "demo.yaml"
 
@@ -101,11 +103,7 @@ def main() -> None:
         "variants": rows,
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

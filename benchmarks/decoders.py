@@ -15,13 +15,14 @@ Needs the brics-vqgan plugin and diffusers (`pip install diffusers`, benchmark o
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from common import emit  # benchmarks/common.py (scripts run as `python benchmarks/NAME.py`)
 
 
 def median_time(fn, repeats: int) -> float:
@@ -96,11 +97,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
     report["ratios"]["plugin_vs_diffusers_params"] = report["params"]["vqgan_diffusers_structure"] / report["params"]["diffusers_vqmodel_decoder"]
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,14 @@ Needs diffusers for (1) (`pip install -e '.[bench]'`).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from common import emit  # benchmarks/common.py (scripts run as `python benchmarks/NAME.py`)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,11 +191,7 @@ def main() -> None:
     report["training_demo"] = demo_training(args.train_steps)
     report["sampling_demo"] = sampling_throughput(args.sample_batch, args.sample_steps, 3)
     report["machine"] = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import platform
 import statistics
 import time
@@ -30,6 +29,8 @@ from torch import nn
 from brics_cli.models.grid import GridConfig
 from brics_cli.models.keycode import key_queries, pixel_centre_coords
 from brics_cli.models.retrieval import FeatureRetrieval, MLPConfig
+
+from common import emit  # benchmarks/common.py (scripts run as `python benchmarks/NAME.py`)
 
 
 class StraightforwardRetrieval(nn.Module):
@@ -159,11 +160,7 @@ def main() -> None:
             "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         },
     }
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import random
@@ -25,6 +24,8 @@ from PIL import Image
 
 from brics_cli.data.shards import ShardOptions, write_shards
 from brics_cli.data.sources import DEMO_TRAIN_PHOTOS, demo_photo, list_folder, process_file, split_items
+
+from common import emit  # benchmarks/common.py (scripts run as `python benchmarks/NAME.py`)
 
 
 def make_inputs(folder: Path, count: int, size: tuple[int, int]) -> None:
@@ -86,11 +87,7 @@ def main() -> None:
         },
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

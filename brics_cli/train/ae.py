@@ -35,7 +35,15 @@ from brics_cli.models.discriminator import Discriminator
 from brics_cli.models.keycode import key_queries, tile_key_codes
 from brics_cli.registry import DECODERS
 from brics_cli.train import checkpoint as ckpt
-from brics_cli.train.loop import EMA, MetricsLog, NonFiniteGuard, StopRequest, TrainProgress, save_image_grid
+from brics_cli.train.loop import (
+    EMA,
+    MetricsLog,
+    NonFiniteGuard,
+    StopRequest,
+    TrainProgress,
+    checkpoint_or_stop,
+    save_image_grid,
+)
 from brics_cli.train.losses import (
     gradient_penalty,
     logistic_discriminator_loss,
@@ -426,7 +434,7 @@ class AETrainer:
         window_steps = 0
         t_window = time.perf_counter()
         images_window = 0
-        stopped_by = ""
+        stopped_by: str | None = None
         val_psnr = None
         start_step = self.step
         t_start = time.perf_counter()
@@ -461,12 +469,8 @@ class AETrainer:
                         shown = {k: record[k] for k in ("l2", "perceptual", "g_adv", "d_adv") if k in record}
                         self.progress.update(self.step, record["img_per_s"], shown)
                         window, window_steps, images_window, t_window = {}, 0, 0, time.perf_counter()
-                    stop_now = self.rt.any_flag(stop.requested)
-                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or stop_now:
-                        self.save()
-                    if stop_now:
-                        stopped_by = stop.signal_name or "signal"
-                        self.log(f"{stopped_by}: checkpoint written at step {self.step}; rerun the same command to continue")
+                    stopped_by = checkpoint_or_stop(self.step, cfg.steps, cfg.checkpoint_every, stop, self.rt, self.save, self.log)
+                    if stopped_by:
                         break
         finally:
             self.progress.close()

@@ -36,7 +36,15 @@ from brics_cli.registry import SAMPLERS
 from brics_cli.data.shards import sha256_file
 from brics_cli.train import checkpoint as ckpt
 from brics_cli.train.ae import find_checkpoint, grad_norm, load_autoencoder
-from brics_cli.train.loop import EMA, MetricsLog, NonFiniteGuard, StopRequest, TrainProgress, save_image_grid
+from brics_cli.train.loop import (
+    EMA,
+    MetricsLog,
+    NonFiniteGuard,
+    StopRequest,
+    TrainProgress,
+    checkpoint_or_stop,
+    save_image_grid,
+)
 from brics_cli.train.runtime import Runtime, seed_everything
 
 PART_SIZE = 4096  # codes per cache file
@@ -261,7 +269,7 @@ class DiffusionTrainer:
         progress = TrainProgress(tc.steps, self.step, show_progress and self.rt.is_main, "diffusion-train", "codes/s")
         start_step, t_start = self.step, time.perf_counter()
         window: dict[str, float] = {}
-        count, t_window, stopped_by = 0, time.perf_counter(), ""
+        count, t_window, stopped_by = 0, time.perf_counter(), None
         try:
             with StopRequest() as stop:
                 while self.step < tc.steps:
@@ -282,12 +290,8 @@ class DiffusionTrainer:
                         window, count, t_window = {}, 0, time.perf_counter()
                     if self.step % tc.sample_every == 0 or self.step == tc.steps:
                         self.write_samples()
-                    stop_now = self.rt.any_flag(stop.requested)
-                    if self.step % tc.checkpoint_every == 0 or self.step == tc.steps or stop_now:
-                        self.save()
-                    if stop_now:
-                        stopped_by = stop.signal_name or "signal"
-                        progress.log(f"{stopped_by}: checkpoint written at step {self.step}; rerun the same command to continue")
+                    stopped_by = checkpoint_or_stop(self.step, tc.steps, tc.checkpoint_every, stop, self.rt, self.save, progress.log)
+                    if stopped_by:
                         break
         finally:
             progress.close()

@@ -67,6 +67,21 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def checkpoint_or_stop(step: int, steps: int, every: int, stop: StopRequest, rt, save, log) -> str | None:
+    """End of a training step: checkpoint when one is due or a stop was requested on any rank.
+
+    Returns the signal's name when the loop must end (after its checkpoint), else None.
+    """
+    stop_now = rt.any_flag(stop.requested)
+    if step % every == 0 or step == steps or stop_now:
+        save()
+    if not stop_now:
+        return None
+    name = stop.signal_name or "signal"
+    log(f"{name}: checkpoint written at step {step}; rerun the same command to continue")
+    return name
+
+
 class NonFiniteGuard:
     """Counts steps whose loss terms are not finite; stops after `limit` consecutive ones."""
 
