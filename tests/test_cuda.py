@@ -38,3 +38,18 @@ def test_grids_stay_fp32_under_cuda_autocast():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         raw = retrieval.retrieve(torch.rand(2, 2, 8, 8, device="cuda"))
     assert raw.dtype == torch.float32
+
+
+@cuda
+def test_decoder_inference_path_on_cuda_matches_cpu_training_path():
+    from brics_cli.models.decoder import StyleGANDecoder, StyleGANDecoderConfig
+
+    torch.manual_seed(0)
+    cpu = StyleGANDecoder(StyleGANDecoderConfig(channel_base=256), 32, 8, 32).eval()
+    gpu = StyleGANDecoder(StyleGANDecoderConfig(channel_base=256), 32, 8, 32).cuda().eval()
+    gpu.load_state_dict(cpu.state_dict())
+    f = torch.randn(2, 32, 8, 8)
+    expected = cpu(f).detach()  # autograd on: the training path
+    with torch.no_grad():
+        got = gpu(f.cuda()).cpu()  # the inference path (channels-last, shared-weight convs)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)

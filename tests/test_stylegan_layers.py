@@ -66,13 +66,27 @@ def test_modulated_conv_upsample_matches_transpose_then_fir() -> None:
     torch.testing.assert_close(got, torch.cat(expected), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pad,gain", [((1, 1), 4.0), ((2, 2), 1.0), ((1, 2), 1.0), ((2, 1), 2.0)])
-def test_blur_matches_depthwise_conv(pad: tuple[int, int], gain: float) -> None:
+@pytest.mark.parametrize("pad,gain", [((1, 1), 4.0), ((2, 2), 1.0), ((1, 2), 1.0), ((2, 1), 2.0), ((0, 0), 1.0), ((-1, 1), 1.0)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_blur_matches_depthwise_conv(pad: tuple[int, int], gain: float, channels_last: bool) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 10, 10)
-    padded = F.pad(x, (pad[0], pad[1], pad[0], pad[1]))
+    padded = F.pad(x, (pad[0], pad[1], pad[0], pad[1]))  # negative pads crop
     expected = depthwise_fir(padded, gain=gain, padding=0)
-    torch.testing.assert_close(blur(x, pad=pad, gain=gain), expected, atol=1e-5, rtol=1e-5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    got = blur(x, pad=pad, gain=gain)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_blur_gradient_matches_depthwise_conv() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    g = torch.randn(2, 3, 8, 8)
+    (grad,) = torch.autograd.grad((blur(x, pad=(1, 1), gain=4.0) * g).sum(), x)
+    (expected,) = torch.autograd.grad((depthwise_fir(x, gain=4.0, padding=1) * g).sum(), x)
+    torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_demodulation_gives_unit_variance_output() -> None:
@@ -111,6 +125,18 @@ def test_to_rgb_skip_is_fir_upsampling_inside_the_image() -> None:
     torch.testing.assert_close(added[:, :, 1:-1, 1:-1], fir[:, :, 1:-1, 1:-1], atol=1e-5, rtol=1e-5)
 
 
+def test_to_rgb_forward_scaled_matches_forward_of_the_product() -> None:
+    torch.manual_seed(0)
+    to_rgb = ToRGB(8, style_dim=4)
+    with torch.no_grad():
+        to_rgb.bias.normal_()
+    x, w, skip = torch.randn(2, 8, 12, 12), torch.randn(2, 4), torch.randn(2, 3, 6, 6)
+    scale = torch.rand(2, 8) + 0.5
+    expected = to_rgb(x * scale[:, :, None, None], w, skip)
+    for x_in in (x, x.contiguous(memory_format=torch.channels_last)):
+        torch.testing.assert_close(to_rgb.forward_scaled(x_in, scale, w, skip), expected, atol=1e-5, rtol=1e-5)
+
+
 def small_decoder(**overrides) -> StyleGANDecoder:
     cfg = StyleGANDecoderConfig(channel_base=256, **overrides)
     return StyleGANDecoder(cfg, in_channels=32, in_resolution=8, out_resolution=32)
@@ -133,6 +159,30 @@ def test_decoder_macs_at_256() -> None:
     assert img.shape == (1, 3, 256, 256)
     macs = counter.get_total_flops() / 2
     assert 67.0e9 <= macs <= 68.0e9, macs
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decoder_inference_path_matches_training_path(batch: int) -> None:
+    """Eval without autograd takes _synthesize_inference: same function, same MACs, input untouched."""
+    torch.manual_seed(0)
+    dec = small_decoder().eval()
+    with torch.no_grad():  # non-trivial biases and styles, so every folded term is exercised
+        for name, p in dec.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    f = torch.randn(batch, 32, 8, 8)
+    f_before = f.clone()
+    with FlopCounterMode(display=False) as counter:
+        expected = dec(f)  # grad enabled: the training path (eval: no noise)
+    training_macs = counter.get_total_flops()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        got = dec(f)
+    assert got.shape == expected.shape and got.is_contiguous()
+    torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=1e-5)
+    assert counter.get_total_flops() == training_macs
+    torch.testing.assert_close(f, f_before, atol=0, rtol=0)  # the caller's features are not overwritten
+    with torch.no_grad():  # channels-last features give the same image
+        torch.testing.assert_close(dec(f.contiguous(memory_format=torch.channels_last)), got, atol=1e-5, rtol=1e-5)
 
 
 def test_decoder_small_forward_backward_reaches_everything() -> None:

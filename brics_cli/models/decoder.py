@@ -26,9 +26,18 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from brics_cli.models.layers import EqualLinear, ModulatedConv2d, NoiseInjection, ToRGB, lrelu_gain
+from brics_cli.models.layers import (
+    LRELU_GAIN,
+    LRELU_SLOPE,
+    EqualLinear,
+    ModulatedConv2d,
+    NoiseInjection,
+    ToRGB,
+    lrelu_gain,
+)
 from brics_cli.registry import DECODERS
 
 
@@ -70,6 +79,28 @@ class StyledConv(nn.Module):
         if self.noise is not None:
             x = self.noise(x)
         return lrelu_gain(x + self.bias)
+
+    def forward_scaled(self, x: Tensor, scale: Tensor, w: Tensor, inplace: bool) -> tuple[Tensor, Tensor]:
+        """Inference form (no autograd, no noise): (x, scale) -> (y, scale') with
+        forward(x * scale, w) == y * scale', scale and scale' per (sample, channel), (B, C).
+
+        Modulation scales the activations and one shared-weight conv runs over the batch
+        (StyleGAN2-ADA's fused_modconv=False). Demodulation d > 0, bias b and the lrelu gain g
+        leave the layer as the next scale, because lrelu(d y + b) g = d g lrelu(y + b / d):
+        what is left per pixel is one in-place add and one in-place lrelu. inplace: x may be
+        overwritten (it is this decoder's own intermediate, not the caller's tensor).
+        """
+        conv = self.conv
+        s = conv.affine(w)  # (B, in)
+        m = (s * scale)[:, :, None, None]
+        if inplace:
+            x = x.mul_(m)
+        else:  # channels-last: oneDNN's native layout on CPU
+            x = torch.mul(x, m, out=torch.empty_like(x, memory_format=torch.channels_last))
+        y = conv.conv_shared(x)  # (B, out, H', W')
+        d = conv.demodulation(s)  # (B, out)
+        y.add_((self.bias.view(1, -1) / d)[:, :, None, None])
+        return F.leaky_relu_(y, LRELU_SLOPE), d * LRELU_GAIN
 
 
 class SynthesisBlock(nn.Module):
@@ -151,10 +182,28 @@ class StyleGANDecoder(nn.Module):
                 f"got {tuple(f.shape)}"
             )
         w = self.style(f)  # (B, C_d)
+        if not self.training and not torch.is_grad_enabled():
+            return self._synthesize_inference(f, w)
         x, rgb = f, None
         for block in self.blocks:
             x, rgb = block(x, w, rgb)  # x: (B, ch(r), r, r), rgb: (B, out_channels, r, r)
         return rgb  # (B, out_channels, R, R)
+
+    def _synthesize_inference(self, f: Tensor, w: Tensor) -> Tensor:
+        """The same function as the training path (tests hold them to 1e-5), for eval without autograd.
+
+        Decoding (reconstruct, sample, eval) runs here: channels-last activations, one shared-weight
+        conv per layer, each layer's per-channel output scale carried into the next modulation and
+        in-place epilogues (StyledConv.forward_scaled). The convolutions and their MACs are the
+        training path's; the elementwise passes and fresh buffers around them are mostly gone --
+        1.3x faster on CPU (benchmarks/RESULTS.md, Decoders).
+        """
+        x, scale, rgb = f, torch.ones_like(f[:, :, 0, 0]), None  # the activation is x * scale
+        for block in self.blocks:
+            for conv in block.convs:
+                x, scale = conv.forward_scaled(x, scale, w, inplace=x is not f)
+            rgb = block.to_rgb.forward_scaled(x, scale, w, rgb)  # before the next block overwrites x
+        return rgb.contiguous()  # (B, out_channels, R, R)
 
 
 def _log2_ratio(in_resolution: int, out_resolution: int) -> int:

@@ -103,23 +103,42 @@ def blur(x: Tensor, pad: tuple[int, int], gain: float = 1.0) -> Tensor:
     purpose: brics counts multiply-accumulates with torch.utils.flop_counter, which counts conv and
     matmul ops but not elementwise ones, and the authors' ~67.7 GMAC decoder count likewise left out
     their upfirdn2d custom op. A depthwise conv here would add ~0.2 GMAC to the 256x256 decoder.
-    The sums accumulate in place into one buffer per axis (autograd-safe: scalar multiplies and adds
-    save no inputs), 3.8x faster on CPU than summing temporaries (benchmarks/RESULTS.md, Decoders).
+    The zero padding is never materialised (each tap adds over the output rows it reaches) and the
+    sums accumulate in place into one buffer per axis (autograd-safe: scalar multiplies and adds
+    save no inputs), several times faster on CPU than padding and summing temporaries
+    (benchmarks/RESULTS.md, Decoders). Keeps the input's memory format (channels-last stays so).
     """
-    p0, p1 = pad
-    x = F.pad(x, (p0, p1, p0, p1))  # (B, C, H + p0 + p1, W + p0 + p1); negative pads crop
     taps = [t / sum(FIR_TAPS) * math.sqrt(gain) for t in FIR_TAPS]
-    n = len(taps)
+    return _fir_axis(_fir_axis(x, 2, pad, taps), 3, pad, taps)
+
+
+def _fir_axis(x: Tensor, dim: int, pad: tuple[int, int], taps: list[float]) -> Tensor:
+    """out[i] = sum_k taps[k] * x[i + k - pad[0]] along `dim`, x taken as 0 outside its range."""
     # The filter is symmetric, so correlation and convolution agree.
-    h = x.shape[2] - n + 1
-    y = x[:, :, 0:h, :] * taps[0]  # (B, C, H', W + p0 + p1)
-    for i in range(1, n):
-        y.add_(x[:, :, i : i + h, :], alpha=taps[i])
-    w = y.shape[3] - n + 1
-    out = y[:, :, :, 0:w] * taps[0]  # (B, C, H', W')
-    for i in range(1, n):
-        out.add_(y[:, :, :, i : i + w], alpha=taps[i])
+    p0, p1 = pad
+    n_in = x.shape[dim]
+    n_out = n_in + p0 + p1 - len(taps) + 1
+    if n_out <= 0:
+        raise ValueError(f"blur: {n_in} samples with padding {pad} leave no output along dim {dim}")
+    # Tap k reaches the output rows [lo, hi): those whose input row i + k - p0 lies inside x.
+    spans = [(max(0, p0 - k), min(n_out, n_in + p0 - k)) for k in range(len(taps))]
+    full = [k for k, (lo, hi) in enumerate(spans) if (lo, hi) == (0, n_out)]
+    if full:  # one tap covers every output row: it initialises the buffer
+        first = full[0]
+        out = x.narrow(dim, first - p0, n_out) * taps[first]
+    else:
+        first = -1
+        shape = list(x.shape)
+        shape[dim] = n_out
+        out = x.new_zeros(shape).contiguous(memory_format=_memory_format(x))
+    for k, (lo, hi) in enumerate(spans):
+        if k != first and hi > lo:
+            out.narrow(dim, lo, hi - lo).add_(x.narrow(dim, lo + k - p0, hi - lo), alpha=taps[k])
     return out
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
 class ModulatedConv2d(nn.Module):
@@ -181,17 +200,25 @@ class ModulatedConv2d(nn.Module):
 
     def _forward_unfused(self, x: Tensor, w: Tensor) -> Tensor:
         s = self.affine(w)  # (B, in)
-        weight = self.weight[0] * self.weight_gain  # (out, in, k, k), shared by the batch
-        x = x * s[:, :, None, None]
-        if self.upsample:
-            x = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2, padding=0)
-            x = blur(x, pad=(1, 1), gain=4.0)
-        else:
-            x = F.conv2d(x, weight, padding=self.kernel // 2)
-        if self.demodulate:  # sum_{i,k} (s_i w_oik)^2 = (s^2) @ (sum_k w_oik^2)^T
-            d = torch.rsqrt(s.square() @ weight.square().sum(dim=(2, 3)).t() + 1e-8)  # (B, out)
-            x = x * d[:, :, None, None]
+        x = self.conv_shared(x * s[:, :, None, None])
+        if self.demodulate:
+            x = x * self.demodulation(s)[:, :, None, None]
         return x
+
+    def demodulation(self, s: Tensor) -> Tensor:
+        """Styles s (B, in) -> the demodulation factors d (B, out), computed without per-sample weights."""
+        weight = self.weight[0] * self.weight_gain  # (out, in, k, k)
+        # sum_{i,k} (s_i w_oik)^2 = (s^2) @ (sum_k w_oik^2)^T
+        return torch.rsqrt(s.square() @ weight.square().sum(dim=(2, 3)).t() + 1e-8)  # (B, out)
+
+    def conv_shared(self, x: Tensor) -> Tensor:
+        """The shared-weight (unmodulated) conv, up-conv included, on already-modulated input."""
+        weight = self.weight[0] * self.weight_gain  # (out, in, k, k)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        if self.upsample:
+            return blur(F.conv_transpose2d(x, weight.transpose(0, 1), stride=2, padding=0), pad=(1, 1), gain=4.0)
+        return F.conv2d(x, weight, padding=self.kernel // 2)
 
     def extra_repr(self) -> str:
         return (
@@ -262,8 +289,23 @@ class ToRGB(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, out_ch, 1, 1))
 
     def forward(self, x: Tensor, w: Tensor, skip: Tensor | None = None) -> Tensor:
-        rgb = self.conv(x, w) + self.bias  # (B, out_ch, H, W)
-        if skip is not None:
-            skip = F.interpolate(skip, scale_factor=2, mode="bilinear", align_corners=False)  # (B, out_ch, H, W)
-            rgb = rgb + skip
-        return rgb
+        return self._add_skip(self.conv(x, w) + self.bias, skip)  # (B, out_ch, H, W)
+
+    def forward_scaled(self, x: Tensor, scale: Tensor, w: Tensor, skip: Tensor | None = None) -> Tensor:
+        """forward(x * scale[:, :, None, None], w, skip) without forming the product (inference form).
+
+        The scale folds into the per-sample 1x1 weights, applied as one batched matmul over the
+        pixels (a view, no copy, when x is channels-last).
+        """
+        B, C, H, W = x.shape  # scale: (B, C)
+        s = self.conv.affine(w) * scale  # (B, C)
+        weight = self.conv.weight[0, :, :, 0, 0] * self.conv.weight_gain  # (out, C)
+        pixels = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+        rgb = torch.baddbmm(self.bias.view(1, 1, -1), pixels, s[:, :, None] * weight.t())  # (B, H*W, out)
+        return self._add_skip(rgb.view(B, H, W, -1).permute(0, 3, 1, 2), skip)  # (B, out, H, W)
+
+    @staticmethod
+    def _add_skip(rgb: Tensor, skip: Tensor | None) -> Tensor:
+        if skip is None:
+            return rgb
+        return rgb + F.interpolate(skip, scale_factor=2, mode="bilinear", align_corners=False)  # (B, out_ch, H, W)
