@@ -40,6 +40,7 @@ from brics_cli.train.loop import (
     MetricsLog,
     NonFiniteGuard,
     StopRequest,
+    Throughput,
     TrainProgress,
     checkpoint_or_stop,
     save_image_grid,
@@ -432,8 +433,7 @@ class AETrainer:
         stream = self.batches(loader, dataset)
         window: dict[str, float] = {}
         window_steps = 0
-        t_window = time.perf_counter()
-        images_window = 0
+        throughput = Throughput()
         stopped_by: str | None = None
         val_psnr = None
         start_step = self.step
@@ -445,7 +445,7 @@ class AETrainer:
                     self.ae.train()
                     values = self.train_step(micro_batches)
                     self.step += 1
-                    images_window += cfg.batch
+                    throughput.add(cfg.batch)
                     if values is not None:
                         for k, v in values.items():
                             window[k] = window.get(k, 0.0) + v
@@ -453,10 +453,9 @@ class AETrainer:
                     if self.step % cfg.sample_every == 0 or self.step == cfg.steps:
                         val_psnr = self.write_samples(val)  # logged with the next metrics record
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                        elapsed = time.perf_counter() - t_window
                         record = {k.lstrip("_"): v / max(window_steps, 1) for k, v in window.items()}
                         record = self.rt.mean_over_ranks(record)
-                        record["img_per_s"] = images_window / max(elapsed, 1e-9)
+                        record["img_per_s"] = throughput.read()
                         record["lr"] = self.g_opt.param_groups[0]["lr"]
                         record["lr_grid"] = self.g_opt.param_groups[1]["lr"]
                         record["grid_usage"] = self.code_usage(micro_batches[0]) if self.rt.is_main else 0.0
@@ -468,7 +467,7 @@ class AETrainer:
                         metrics.write(self.step, record)
                         shown = {k: record[k] for k in ("l2", "perceptual", "g_adv", "d_adv") if k in record}
                         self.progress.update(self.step, record["img_per_s"], shown)
-                        window, window_steps, images_window, t_window = {}, 0, 0, time.perf_counter()
+                        window, window_steps = {}, 0
                     stopped_by = checkpoint_or_stop(self.step, cfg.steps, cfg.checkpoint_every, stop, self.rt, self.save, self.log)
                     if stopped_by:
                         break

@@ -41,6 +41,7 @@ from brics_cli.train.loop import (
     MetricsLog,
     NonFiniteGuard,
     StopRequest,
+    Throughput,
     TrainProgress,
     checkpoint_or_stop,
     save_image_grid,
@@ -269,25 +270,25 @@ class DiffusionTrainer:
         progress = TrainProgress(tc.steps, self.step, show_progress and self.rt.is_main, "diffusion-train", "codes/s")
         start_step, t_start = self.step, time.perf_counter()
         window: dict[str, float] = {}
-        count, t_window, stopped_by = 0, time.perf_counter(), None
+        count, throughput, stopped_by = 0, Throughput(), None
         try:
             with StopRequest() as stop:
                 while self.step < tc.steps:
                     self.unet.train()
                     values = self.train_step()
                     self.step += 1
+                    throughput.add(self.cfg.optim.batch)
                     if values is not None:
                         for k, v in values.items():
                             window[k] = window.get(k, 0.0) + v
                         count += 1
                     if self.step % tc.log_every == 0 or self.step == tc.steps:
                         record = self.rt.mean_over_ranks({k: v / max(count, 1) for k, v in window.items()})
-                        elapsed = time.perf_counter() - t_window
-                        record["codes_per_s"] = self.cfg.optim.batch * tc.log_every / max(elapsed, 1e-9)
+                        record["codes_per_s"] = throughput.read()
                         record["bad_steps"] = self.guard.total
                         metrics.write(self.step, record)
                         progress.update(self.step, record["codes_per_s"], {k: record[k] for k in ("loss", "mse") if k in record})
-                        window, count, t_window = {}, 0, time.perf_counter()
+                        window, count = {}, 0
                     if self.step % tc.sample_every == 0 or self.step == tc.steps:
                         self.write_samples()
                     stopped_by = checkpoint_or_stop(self.step, tc.steps, tc.checkpoint_every, stop, self.rt, self.save, progress.log)

@@ -149,6 +149,29 @@ class MetricsLog:
             self.tb.close()
 
 
+class Throughput:
+    """Items per second over the current logging window.
+
+    Counts what was actually processed, so the short windows (the first after a resume, the last
+    one before `steps`) report true rates rather than `batch * log_every / elapsed`.
+    """
+
+    def __init__(self, clock=time.perf_counter) -> None:
+        self.clock = clock
+        self.items = 0
+        self.start = clock()
+
+    def add(self, n: int) -> None:
+        self.items += n
+
+    def read(self) -> float:
+        """The window's rate; starts the next window."""
+        now = self.clock()
+        rate = self.items / max(now - self.start, 1e-9)
+        self.items, self.start = 0, now
+        return rate
+
+
 class TrainProgress:
     """Rich progress on stderr: step, img/s, ETA and the latest loss terms (rank 0 only)."""
 
