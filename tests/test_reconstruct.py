@@ -88,3 +88,33 @@ def test_checkpoint_names_the_missing_decoder_plugin(tmp_path, tiny_shards):
                           "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env)
     assert rec.returncode == 1
     assert "brics-vqgan" in rec.stderr and "pip install" in rec.stderr and "Traceback" not in rec.stderr
+
+
+def test_torchrun_two_cpu_ranks_split_the_images_and_agree_with_one_process(tmp_path, trained, tiny_shards):
+    args = ["reconstruct", "--run", str(trained), "--input", str(tiny_shards), "--n", "7", "--batch", "2", "--usage", "--json"]
+    single = subprocess.run([sys.executable, "-m", "brics_cli", *args, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    # `--` keeps torchrun's parser off brics' options (it reads `--n` and `--run` as abbreviations of its own).
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "brics_cli", "--", *args, "--out", str(tmp_path / "two")]
+    multi = subprocess.run(torchrun, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    lines = [line for line in multi.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 alone prints
+    one, two = json.loads(single.stdout.splitlines()[-1]), json.loads(lines[0])
+    assert two["n"] == one["n"] == 7
+    for metric in ("psnr", "ssim"):
+        for stat in ("mean", "std"):
+            assert two[metric][stat] == pytest.approx(one[metric][stat], abs=1e-5)
+    assert two["usage"] == pytest.approx(one["usage"])  # hit counts summed over both ranks
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text()) == two
+    for i in range(7):  # every image written once, by its rank, as the single process writes it
+        for folder in ("inputs", "recon"):
+            assert (tmp_path / "two" / folder / f"{i:06d}.png").read_bytes() == (tmp_path / "one" / folder / f"{i:06d}.png").read_bytes()
+    assert not (tmp_path / "two" / "recon" / "000007.png").exists()
+    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two")]
+    assert manifests[0]["keys"] == manifests[1]["keys"] and manifests[1]["count"] == 7
+    assert manifests[0]["per_rank"] == [7] and manifests[1]["per_rank"] == [4, 3]  # images 0,2,4,6 and 1,3,5
+    assert (tmp_path / "two" / "grid.png").read_bytes() == (tmp_path / "one" / "grid.png").read_bytes()
+    assert (tmp_path / "two" / "usage.png").is_file()

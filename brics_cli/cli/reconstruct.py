@@ -34,12 +34,13 @@ def reconstruct(
     """Encode and decode images with a trained autoencoder; PSNR/SSIM/LPIPS as mean and std (Table 2).
 
     LPIPS uses AlexNet (as the paper) when its weights are present; otherwise it is reported as
-    unavailable with the reason (`brics weights status`).
+    unavailable with the reason (`brics weights status`). Under torchrun the images are split over
+    ranks (image i on rank i mod N); the metrics cover all of them and rank 0 prints them.
     """
     from brics_cli.errors import BricsError
     from brics_cli.eval.reconstruct import reconstruct as run_reconstruct
     from brics_cli.train.ae import find_checkpoint, load_autoencoder
-    from brics_cli.train.runtime import resolve_device
+    from brics_cli.train.runtime import setup_runtime
 
     if run is not None and ckpt is not None:
         raise BricsError("give --run or --ckpt, not both")
@@ -50,16 +51,21 @@ def reconstruct(
                 raise BricsError("no ae run found under runs/; pass --run DIR or --ckpt FILE (train one with `brics ae-train`)")
             print(f"using the newest ae run: {run}", file=sys.stderr)
         ckpt = find_checkpoint(run)
-    dev = resolve_device(device)
-    model, meta = load_autoencoder(ckpt, ema=not no_ema, device=dev)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    rt = setup_runtime(device)
+    try:
+        model, meta = load_autoencoder(ckpt, ema=not no_ema, device=rt.device)
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("[bold]reconstruct[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(file=sys.stderr), transient=True) as bar:
-        task = bar.add_task("reconstruct", total=n)
-        result = run_reconstruct(model, ckpt, input, out, n=n, batch=batch, split=split, usage=usage, device=dev,
-                                 progress=lambda k: bar.advance(task, k))
+        with Progress(TextColumn("[bold]reconstruct[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=Console(file=sys.stderr), transient=True, disable=not rt.is_main) as bar:
+            task = bar.add_task("reconstruct", total=None if n is None else len(range(rt.rank, n, rt.world_size)))
+            result = run_reconstruct(model, ckpt, input, out, n=n, batch=batch, split=split, usage=usage,
+                                     device=rt.device, progress=lambda k: bar.advance(task, k), rt=rt)
+    finally:
+        rt.shutdown()
+    if not rt.is_main:
+        return
     if json_output:
         emit_json(result)
         return

@@ -8,7 +8,7 @@ Output folder:
     grid.png                the first images (top) over their reconstructions (bottom)
     metrics.json            {"n", "psnr", "ssim", "lpips" | null, "lpips_unavailable"?, "usage"?}
     usage.png               (--usage) per group: how often each finest-level grid entry is hit (Fig. 4b)
-    manifest.json           checkpoint, its sha256, input, keys of the images, package version
+    manifest.json           checkpoint, its sha256, input, keys of the images, images per rank, package version
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from brics_cli.models.keycode import key_queries, tile_key_codes
 from brics_cli.data.shards import sha256_file
 from brics_cli.train.checkpoint import atomic_write_bytes, atomic_write_json
 from brics_cli.train.loop import png_bytes, save_image_grid
+from brics_cli.train.runtime import Runtime
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -108,9 +109,17 @@ def reconstruct(
     grid_images: int = 8,
     device: torch.device = torch.device("cpu"),
     progress: Callable[[int], None] | None = None,
+    rt: Runtime | None = None,
 ) -> dict[str, Any]:
-    """Reconstruct up to n images of `source` (shard folder or image folder) into `out`; returns metrics."""
+    """Reconstruct up to n images of `source` (shard folder or image folder) into `out`; returns metrics.
+
+    Under torchrun (`rt` with several ranks) image i is reconstructed by rank i mod world_size; the
+    per-image metrics, grid images and usage counts are gathered, so every rank returns the metrics
+    of all images, and rank 0 alone writes metrics.json, manifest.json, grid.png and usage.png.
+    """
     from brics_cli.eval.recon import ReconstructionMeter, try_load_lpips
+
+    rank, world = (rt.rank, rt.world_size) if rt is not None else (0, 1)
 
     resolution = model.resolution
     skipped: dict[str, int] = {}
@@ -124,12 +133,13 @@ def reconstruct(
     lpips_model, reason = try_load_lpips(lpips_net, device)
     meter = ReconstructionMeter(lpips_model, reason)
     counts = None
-    keys: list[str] = []
-    shown: list[tuple[torch.Tensor, torch.Tensor]] = []
+    keys: list[str] = []  # of every image, whichever rank reconstructs it
+    mine: list[int] = []  # indices reconstructed here, in the order of the meter's values
+    shown: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     for folder in ("inputs", "recon"):
         (out / folder).mkdir(parents=True, exist_ok=True)
 
-    def flush(xs: list[torch.Tensor]) -> None:
+    def flush(xs: list[torch.Tensor], indices: list[int]) -> None:
         nonlocal counts
         x = torch.stack(xs).to(device)
         z, _ = model.encode(x)
@@ -140,36 +150,47 @@ def reconstruct(
             z_hat = tile_key_codes(z, (cfg.features.resolution,) * 2, cfg.code.tiling)
             c = model.retrieval.grids.hit_counts(key_queries(z_hat, cfg.code.key_channels))
             counts = c if counts is None else counts + c
-        for i in range(x.shape[0]):
-            index = len(keys) - len(xs) + i
+        for i, index in enumerate(indices):
             atomic_write_bytes(out / "inputs" / f"{index:06d}.png", png_bytes(x[i]))
             atomic_write_bytes(out / "recon" / f"{index:06d}.png", png_bytes(recon[i]))
-            if len(shown) < grid_images:
-                shown.append((x[i].cpu(), recon[i].cpu()))
+            if index < grid_images:
+                shown.append((index, x[i].cpu(), recon[i].cpu()))
+        mine.extend(indices)
         if progress is not None:
             progress(x.shape[0])
 
     pending: list[torch.Tensor] = []
+    pending_indices: list[int] = []
     for image, key in images:
         if n is not None and len(keys) >= n:
             break
         keys.append(key)
+        if (len(keys) - 1) % world != rank:
+            continue
         pending.append(image)
+        pending_indices.append(len(keys) - 1)
         if len(pending) == batch:
-            flush(pending)
-            pending = []
+            flush(pending, pending_indices)
+            pending, pending_indices = [], []
     if pending:
-        flush(pending)
+        flush(pending, pending_indices)
     if not keys:
         raise BricsError(f"--input {source}: no readable images" + (f" (skipped: {skipped})" if skipped else ""))
+    per_rank = [len(mine)]  # images reconstructed by each rank
+    if world > 1:
+        counts, per_rank = _gather_over_ranks(meter, mine, shown, counts)
     result = meter.result()
     if usage and counts is not None:
         result["usage"] = (counts > 0).float().mean(1).tolist()
-        usage_figure(counts, out / "usage.png")
+        if rank == 0:
+            usage_figure(counts, out / "usage.png")
     if dataset is not None:
         skipped["corrupt"] = dataset.skipped.count
     result["skipped"] = {k: v for k, v in skipped.items() if v}
-    save_image_grid([torch.stack([a for a, _ in shown]), torch.stack([b for _, b in shown])], out / "grid.png")
+    if rank != 0:
+        return result
+    shown.sort(key=lambda item: item[0])
+    save_image_grid([torch.stack([a for _, a, _ in shown]), torch.stack([b for _, _, b in shown])], out / "grid.png")
     atomic_write_json(out / "metrics.json", result)
     atomic_write_json(out / "manifest.json", {
         "command": "reconstruct",
@@ -178,8 +199,24 @@ def reconstruct(
         "input": str(source),
         "split": split,
         "count": len(keys),
+        "per_rank": per_rank,
         "keys": keys,
         "lpips_net": lpips_net if lpips_model is not None else None,
         "brics_version": __version__,
     })
     return result
+
+
+def _gather_over_ranks(meter, mine: list[int], shown: list, counts: torch.Tensor | None) -> tuple[torch.Tensor | None, list[int]]:
+    """Every rank's per-image metrics (into `meter`, in image order), grid images (into `shown`),
+    grid hit counts (summed) and how many images each rank reconstructed."""
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (mine, meter.values, shown, None if counts is None else counts.cpu()))
+    order = sorted((index, r, k) for r, (indices, _, _, _) in enumerate(parts) for k, index in enumerate(indices))
+    for name in meter.values:
+        meter.values[name] = [parts[r][1][name][k] for _, r, k in order if parts[r][1][name]]
+    shown[:] = [item for part in parts for item in part[2]]
+    summed = [part[3] for part in parts if part[3] is not None]
+    return (torch.stack(summed).sum(0) if summed else None), [len(part[0]) for part in parts]
