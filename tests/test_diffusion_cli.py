@@ -93,3 +93,17 @@ def test_sample_without_a_run_says_so(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = subprocess.run([sys.executable, "-m", "brics_cli", "sample", "--n", "4", "--out", "s"], capture_output=True, text=True)
     assert out.returncode == 1 and "no diffusion run found" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_sample_under_torchrun_splits_indices_and_matches_one_process(runs, tmp_path):
+    args = ["sample", "--run", str(runs / "diffusion"), "--n", "5", "--sampler", "ddim", "--steps", "10", "--batch", "2"]
+    brics(*args, "--out", tmp_path / "one")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "brics_cli", "--", *args, "--out", str(tmp_path / "two"), "--json"]  # `--`: see README
+    multi = subprocess.run(torchrun, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    assert len([line for line in multi.stdout.splitlines() if line.startswith("{")]) == 1  # rank 0 alone prints
+    names = sorted(p.name for p in (tmp_path / "one").glob("0*.png"))
+    assert len(names) == 5 and sorted(p.name for p in (tmp_path / "two").glob("0*.png")) == names
+    for name in names:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
