@@ -80,12 +80,15 @@ def test_blur_matches_depthwise_conv(pad: tuple[int, int], gain: float, channels
     assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def test_blur_gradient_matches_depthwise_conv() -> None:
+@pytest.mark.parametrize("pad", [(1, 1), (2, 2)])  # (2, 2): no tap covers every output row (zero-initialised buffer)
+def test_blur_gradient_matches_depthwise_conv(pad: tuple[int, int]) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 9, 9, requires_grad=True)
-    g = torch.randn(2, 3, 8, 8)
-    (grad,) = torch.autograd.grad((blur(x, pad=(1, 1), gain=4.0) * g).sum(), x)
-    (expected,) = torch.autograd.grad((depthwise_fir(x, gain=4.0, padding=1) * g).sum(), x)
+    size = 9 + sum(pad) - 3
+    g = torch.randn(2, 3, size, size)
+    (grad,) = torch.autograd.grad((blur(x, pad=pad, gain=4.0) * g).sum(), x)
+    padded = F.pad(x, (pad[0], pad[1], pad[0], pad[1]))
+    (expected,) = torch.autograd.grad((depthwise_fir(padded, gain=4.0, padding=0) * g).sum(), x)
     torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -130,7 +130,7 @@ def _fir_axis(x: Tensor, dim: int, pad: tuple[int, int], taps: list[float]) -> T
         first = -1
         shape = list(x.shape)
         shape[dim] = n_out
-        out = x.new_zeros(shape).contiguous(memory_format=_memory_format(x))
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x)).zero_()
     for k, (lo, hi) in enumerate(spans):
         if k != first and hi > lo:
             out.narrow(dim, lo, hi - lo).add_(x.narrow(dim, lo + k - p0, hi - lo), alpha=taps[k])
@@ -138,7 +138,8 @@ def _fir_axis(x: Tensor, dim: int, pad: tuple[int, int], taps: list[float]) -> T
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
-    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 class ModulatedConv2d(nn.Module):
