@@ -71,11 +71,7 @@ def main() -> None:
     def brics_decode_grouped():
         """What decode ran before the inference path: per-sample weights, one grouped conv per layer."""
         f = brics.features(z)
-        w = brics.decoder.style(f)
-        x, rgb = f, None
-        for block in brics.decoder.blocks:
-            x, rgb = block(x, w, rgb)
-        return rgb
+        return brics.decoder._synthesize(f, brics.decoder.style(f))
 
     # Round-robin repeats of each (every timed call right after an untimed one), medians.
     runs = {

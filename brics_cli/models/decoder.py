@@ -184,6 +184,10 @@ class StyleGANDecoder(nn.Module):
         w = self.style(f)  # (B, C_d)
         if not self.training and not torch.is_grad_enabled():
             return self._synthesize_inference(f, w)
+        return self._synthesize(f, w)
+
+    def _synthesize(self, f: Tensor, w: Tensor) -> Tensor:
+        """The training path: block by block, per-sample modulated weights (noise in training mode)."""
         x, rgb = f, None
         for block in self.blocks:
             x, rgb = block(x, w, rgb)  # x: (B, ch(r), r, r), rgb: (B, out_channels, r, r)
