@@ -50,7 +50,7 @@ def main() -> None:
     from brics_cli.models.summary import retrieval_training_memory
     from brics_cli.recipe import load_recipe
     from brics_cli.train.ae import AETrainer
-    from brics_cli.train.runtime import Runtime, resolve_device
+    from brics_cli.core.runtime import Runtime, resolve_device
 
     device = resolve_device(args.device)
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from brics_cli.data.shards import ShardOptions, write_shards
-from brics_cli.data.sources import list_demo, process_demo
+from brics_cli.data.sources.demo import list_demo, process_demo
 from brics_cli.eval.nn_search import ImageBank, L2Distance, LPIPSDistance, embeddings, search
 
 
@@ -32,7 +32,7 @@ def demo_images(out: Path, train: int, val: int, seed: int) -> dict[str, list[Pa
     options = ShardOptions(resolution=64, shard_size=500, seed=seed, small="upscale", extra=(("train_count", train), ("val_count", val)))
     write_shards(out / "shards", list_demo(train, val), process_demo, options, {"type": "demo"})
     os.environ["BRICS_CACHE_DIR"] = str(out / "cache")
-    from brics_cli.eval.sources import export_shards
+    from brics_cli.eval.image_sets import export_shards
 
     return {split: export_shards(out / "shards", split).files for split, n in (("train", train), ("val", val)) if n}
 
@@ -54,7 +54,7 @@ def main() -> None:
         fresh = demo_images(Path(tmp) / "q", half, args.queries - half, seed=1)
         query_files = fresh["train"] + fresh["val"]
         if args.metric == "lpips":
-            from brics_cli.eval.recon import load_lpips
+            from brics_cli.nets.perceptual import load_lpips
 
             metric = LPIPSDistance(load_lpips("alex"))
         else:

@@ -23,7 +23,9 @@ from pathlib import Path
 from PIL import Image
 
 from brics_cli.data.shards import ShardOptions, write_shards
-from brics_cli.data.sources import DEMO_TRAIN_PHOTOS, demo_photo, list_folder, process_file, split_items
+from brics_cli.data.sources.base import split_items
+from brics_cli.data.sources.demo import DEMO_TRAIN_PHOTOS, demo_photo
+from brics_cli.data.sources.folder import list_folder, process_file
 
 from common import emit  # benchmarks/common.py (scripts run as `python benchmarks/NAME.py`)
 

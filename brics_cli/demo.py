@@ -80,14 +80,14 @@ def plan(out: Path, quick: bool, recipe: Path = RECIPE) -> list[Stage]:
 
 def lpips_flag() -> list[str]:
     """LPIPS-AlexNet when its backbone is present; otherwise PSNR/SSIM only (the report says so)."""
-    from brics_cli.eval import weights
+    from brics_cli.nets import weights
 
     return [] if weights.locate("alexnet") is not None else ["--lpips-net", "none"]
 
 
 def generative_weights_missing() -> str | None:
     """Why FID/IS/KID/PR/CLIP-FID cannot run here, or None when every weight file is present."""
-    from brics_cli.eval import weights
+    from brics_cli.nets import weights
 
     needed = ("inception-fidelity", "vgg16", "clip-vit-b-32")  # FID/IS/KID, precision/recall, CLIP-FID
     absent = [row["file"] for row in weights.status(verify=False) if row["name"] in needed and not row["present"]]
@@ -147,7 +147,7 @@ def training_crops(shards: Path, path: Path, n: int = 32) -> None:
 
     from brics_cli.data.config import DataConfig
     from brics_cli.data.loader import ShardDataset
-    from brics_cli.train.loop import save_image_grid
+    from brics_cli.core.images import save_image_grid
 
     manifest = json.loads((shards / "manifest.json").read_text())
     resolution = manifest["options"]["resolution"]
@@ -157,8 +157,7 @@ def training_crops(shards: Path, path: Path, n: int = 32) -> None:
         images.append(image)
         if len(images) == n:
             break
-    rows = [torch.stack(images[i:i + 8]) for i in range(0, len(images) - 7, 8)]
-    save_image_grid(rows, path)
+    save_image_grid(torch.stack(images), path, per_row=8)
 
 
 def loss_curves(out: Path, path: Path) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
-from brics_cli.config import load_config
+from brics_cli.config import load_config, to_dict
 from brics_cli.data.config import DataConfig
 from brics_cli.diffusion.config import DiffusionStageConfig
 from brics_cli.models.autoencoder import AutoencoderConfig
@@ -30,6 +31,10 @@ class AEStageConfig(AutoencoderConfig):
     optim: AEOptimConfig = field(default_factory=AEOptimConfig)
     train: AETrainConfig = field(default_factory=AETrainConfig)
 
+    # A resumed run may change how it trains (loss weights, schedule, logging); everything else --
+    # the architecture and the optimiser -- and data.resolution must equal the checkpoint's.
+    RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = ("loss", "train")
+
 
 @dataclass
 class Recipe:
@@ -37,6 +42,16 @@ class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     ae: AEStageConfig = field(default_factory=AEStageConfig)
     diffusion: DiffusionStageConfig = field(default_factory=DiffusionStageConfig)
+
+    def resume_conflicts(self, saved: dict[str, Any], stage: str) -> list[str]:
+        """Dotted keys whose value differs from a checkpoint's recorded config `saved` and must not."""
+        mine = to_dict(self)
+        if stage == "ae":
+            keys = [f"ae.{k}" for k in sorted(set(mine["ae"]) | set(saved.get("ae", {}))) if k not in AEStageConfig.RESUME_MAY_CHANGE]
+            keys.append("data.resolution")
+        else:
+            keys = [f"diffusion.{k}" for k in DiffusionStageConfig.RESUME_MUST_MATCH]
+        return [key for key in keys if _lookup(mine, key) != _lookup(saved, key)]
 
     def validate(self) -> None:
         # The UNet runs on the key codes: its levels and attention resolutions must fit H_z.
@@ -46,3 +61,9 @@ class Recipe:
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe file with `section.key=value` overrides; strict about keys and types."""
     return load_config(Recipe, path, overrides)
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree

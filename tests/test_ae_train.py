@@ -17,9 +17,9 @@ import torch
 from brics_cli.models.grid import _level_corners, corner_weights
 from brics_cli.models.keycode import key_queries
 from brics_cli.recipe import load_recipe
-from brics_cli.train import checkpoint as ckpt
+from brics_cli.core import checkpoint as ckpt
 from brics_cli.train.ae import AETrainer, accumulation
-from brics_cli.train.runtime import Runtime
+from brics_cli.core.runtime import Runtime
 from conftest import TINY_RECIPE
 from test_shard import run_cli
 
@@ -208,3 +208,17 @@ def test_torchrun_two_cpu_ranks_stay_in_sync_and_follow_the_single_process_loss(
     for a, b in zip(curve["one"], curve["two"]):
         assert abs(a - b) <= 0.35 * max(a, b), (curve["one"], curve["two"])
     assert curve["two"][-1] < curve["two"][0]
+
+
+def test_progress_reaches_a_log_file_as_plain_lines(tmp_path, tiny_shards):
+    # Under nohup/SLURM stderr is a file: Rich's live bar would print nothing until the end.
+    log = tmp_path / "train.log"
+    steps, every = 6, 2
+    with open(log, "w") as stderr:
+        proc = subprocess.run(train_cmd(tiny_shards, tmp_path / "run", f"ae.train.steps={steps}", f"ae.train.log_every={every}",
+                                        "ae.train.eval_images=0"), stdout=subprocess.PIPE, stderr=stderr, text=True)
+    assert proc.returncode == 0, log.read_text()[-2000:]
+    lines = [line for line in log.read_text().splitlines() if line.startswith("ae-train ")]
+    assert len(lines) >= steps // every, log.read_text()
+    assert lines[-1].startswith(f"ae-train {steps}/{steps} (100%)") and " img/s " in lines[-1] and " l2=" in lines[-1]
+    assert "\x1b[" not in log.read_text()  # no terminal control codes in a log file

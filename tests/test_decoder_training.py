@@ -8,7 +8,7 @@ import torch
 
 from brics_cli.recipe import load_recipe
 from brics_cli.train.ae import AETrainer
-from brics_cli.train.runtime import Runtime
+from brics_cli.core.runtime import Runtime
 from conftest import TINY_RECIPE
 from test_autoencoder import _real_crops
 

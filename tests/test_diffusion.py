@@ -377,3 +377,11 @@ def test_recipes_carry_the_paper_diffusion_config():
     assert switched.diffusion.schedule.min_snr_gamma == 5.0
     demo = load_recipe("recipes/demo.yaml")
     UNet(demo.diffusion.model, demo.ae.code.channels, demo.ae.code.resolution)  # builds for the demo code
+
+
+def test_unet_noise_level_range_is_the_schedules_clip():
+    # models/unet.py may not import diffusion/ (layering), so it states the range itself.
+    from brics_cli.diffusion import schedules
+    from brics_cli.models import unet
+
+    assert unet.LOGSNR_MAX == schedules.LOGSNR_MAX

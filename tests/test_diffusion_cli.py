@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from brics_cli.train import checkpoint as ckpt
+from brics_cli.core import checkpoint as ckpt
 from conftest import TINY_RECIPE
 
 

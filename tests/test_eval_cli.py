@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from brics_cli.data.shards import ShardOptions, write_shards
-from brics_cli.data.sources import list_demo, process_demo
+from brics_cli.data.sources.demo import list_demo, process_demo
 from brics_cli.eval import metrics as M
 from eval_fixtures import make_samples, offline_env, save_fake_fidelity_inception, save_fake_torchvision, write_pngs
 from test_shard import run_cli
@@ -55,7 +55,7 @@ def world(tmp_path_factory):
             mp.setenv(key, str(value))
         mp.delenv("XDG_CACHE_HOME", raising=False)
         mp.delenv("BRICS_WEIGHTS_DIR", raising=False)
-        from brics_cli.eval.sources import export_shards
+        from brics_cli.eval.image_sets import export_shards
 
         reference = export_shards(shards, "train")
         samples = make_samples(root / "samples", noisy_copies(reference.path, 10, seed=0), data=str(shards))
@@ -164,7 +164,9 @@ def test_eval_defaults_pick_the_newest_samples_and_their_training_data(monkeypat
 
 
 def test_eval_recon_reports_table2_numbers(monkeypatch, capsys, tmp_path, world):
-    from brics_cli.eval.recon import load_image, load_lpips, psnr, ssim, summarise
+    from brics_cli.nets.perceptual import load_lpips
+    from brics_cli.core.images import load_image
+    from brics_cli.eval.recon_metrics import psnr, ssim, summarise
 
     folder = tmp_path / "runs" / "demo" / "recon-val"
     originals = noisy_copies(world["reference"].path, 6, seed=2)
@@ -208,7 +210,7 @@ def brute_force_l2(queries: torch.Tensor, reference: torch.Tensor, k: int):
 
 
 def test_nn_search_exact_equals_brute_force_and_two_stage_certifies(monkeypatch, capsys, tmp_path, world):
-    from brics_cli.eval.recon import load_image
+    from brics_cli.core.images import load_image
 
     shards = demo_shards(tmp_path / "shards", train=96)
     samples = make_samples(tmp_path / "samples", noisy_copies(world["reference"].path, 5, seed=4), data=str(shards))
@@ -239,7 +241,7 @@ def test_nn_search_exact_equals_brute_force_and_two_stage_certifies(monkeypatch,
 
 def test_nn_search_lpips_matches_lpips_package(monkeypatch, capsys, tmp_path, world):
     from brics_cli.eval.nn_search import ImageBank, LPIPSDistance, search
-    from brics_cli.eval.recon import load_lpips
+    from brics_cli.nets.perceptual import load_lpips
 
     model = load_lpips("alex")
     bank = ImageBank(world["reference"].files)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from brics_cli.data.sources import demo_photo
+from brics_cli.data.sources.demo import demo_photo
 from brics_cli.eval import metrics as M
 from brics_cli.eval.features import Extractor, extract
 from brics_cli.eval.generative import evaluate
-from brics_cli.eval.sources import load_reference, load_samples
+from brics_cli.eval.image_sets import load_reference, load_samples
 from eval_fixtures import make_samples, write_pngs
 
 

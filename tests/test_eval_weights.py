@@ -1,4 +1,4 @@
-"""Offline weight files (brics_cli/eval/weights.py) and the reconstruction metrics built on them (recon.py)."""
+"""Offline weight files (brics_cli/nets/weights.py), the networks built on them (nets/perceptual.py) and the reconstruction metrics (eval/recon_metrics.py)."""
 
 import hashlib
 
@@ -7,17 +7,10 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from brics_cli.eval import weights
-from brics_cli.eval.recon import (
-    load_lpips,
-    psnr,
-    reconstruction_metrics,
-    ssim,
-    summarise,
-    try_load_lpips,
-    vgg16_features,
-)
-from brics_cli.eval.weights import WeightsMismatch, WeightsMissing, require, status
+from brics_cli.nets import weights
+from brics_cli.eval.recon_metrics import psnr, reconstruction_metrics, ssim, summarise
+from brics_cli.nets.perceptual import load_lpips, try_load_lpips, vgg16_features
+from brics_cli.nets.weights import WeightsMismatch, WeightsMissing, require, status
 from eval_fixtures import isolate_weights, save_fake_torchvision
 
 

@@ -1,4 +1,4 @@
-"""brics_cli.data.images: skip categories, mode conversions, crops, resize and deterministic encoding.
+"""brics_cli.core.images: skip categories, mode conversions, crops, resize and deterministic encoding.
 
 Every fixture is built here with PIL / numpy, in memory.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, JpegImagePlugin
 
-from brics_cli.data.images import (
+from brics_cli.core.images import (
     CATEGORIES,
     FILTERS,
     ImageSkip,

@@ -78,7 +78,7 @@ def test_checkpoint_names_the_missing_decoder_plugin(tmp_path, tiny_shards):
            "ae.decoder.attn_resolutions=[]", "ae.train.steps=2", "--run-dir", str(run), "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    from brics_cli.train.checkpoint import read_metadata
+    from brics_cli.core.checkpoint import read_metadata
 
     meta = read_metadata(next((run / "checkpoints").glob("*.safetensors")))
     assert meta["decoder"]["name"] == "vqgan" and meta["decoder"]["distribution"] == "brics-vqgan"

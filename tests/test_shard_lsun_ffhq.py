@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brics_cli.data.images import CATEGORIES, ImageSkip
-from brics_cli.data.lsun_ffhq import LmdbItem, process_lmdb
+from brics_cli.core.images import CATEGORIES, ImageSkip
+from brics_cli.data.sources.lsun import LmdbItem, process_lmdb
 from brics_cli.data.shards import ShardOptions, item_rng
 from test_shard import read_shards, run_cli, shard_bytes
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brics_cli.data import webvid
-from brics_cli.data.images import ImageSkip, crop_resize
+from brics_cli.data.sources import webvid
+from brics_cli.core.images import ImageSkip, crop_resize
 from test_shard import read_shards, run_cli
 
 ORDER_2M = ["videoid", "name", "page_idx", "page_dir", "duration", "contentUrl"]

@@ -7,6 +7,7 @@ Errors meant for the user (`BricsError`) print one line and exit 1 (runtime) or 
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -64,11 +65,35 @@ def main() -> None:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        if os.environ.get("BRICS_DEBUG") or exc.errno not in FILE_SYSTEM_ERRORS:
+            raise_or_report(exc)
+        print(f"error: {file_system_message(exc)}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:  # a bug, not user input: still one line unless debugging
-        if os.environ.get("BRICS_DEBUG"):
-            raise
-        print(f"error: internal error: {type(exc).__name__}: {exc} (rerun with BRICS_DEBUG=1 for the traceback)", file=sys.stderr)
-        sys.exit(1)
+        raise_or_report(exc)
+
+
+def raise_or_report(exc: BaseException) -> None:
+    if os.environ.get("BRICS_DEBUG"):
+        raise exc
+    print(f"error: internal error: {type(exc).__name__}: {exc} (rerun with BRICS_DEBUG=1 for the traceback)", file=sys.stderr)
+    sys.exit(1)
+
+
+# Conditions of the machine, not bugs: disk full, quota, file-size limit, permissions, read-only mounts.
+FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def file_system_message(exc: OSError) -> str:
+    where = exc.filename or "a file"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = "free space (or raise the quota / file-size limit) and rerun the same command: it resumes"
+    elif exc.errno == errno.EROFS:
+        fix = "the file system is read-only: choose a writable --out / run.dir"
+    else:
+        fix = "fix the permissions or choose another --out / run.dir"
+    return f"cannot write {where}: {exc.strerror}; {fix}; files written before are intact"

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from brics_cli.cli.output import emit_json
+from brics_cli.cli.output import emit_json, print_plan
 
 
 def ae_train(
@@ -24,65 +24,21 @@ def ae_train(
     writes a checkpoint and exits 0. Launch with `torchrun --nproc_per_node N brics ae-train ...`
     for data-parallel training.
     """
-    import sys
-
-    import yaml
-
-    from brics_cli.config import to_dict
     from brics_cli.recipe import load_recipe
-    from brics_cli.train import checkpoint as ckpt
-    from brics_cli.train.ae import AETrainer
-    from brics_cli.train.perceptual import build_perceptual
-    from brics_cli.train.runtime import setup_runtime
+    from brics_cli.train.launch import train_autoencoder
 
-    cfg = load_recipe(recipe, overrides or [])
-    folder = run_dir or Path(cfg.run.dir) / "ae"
-    rt = setup_runtime(device)
-    try:
-        perceptual = build_perceptual(cfg.ae.loss, rt.device)  # missing weights stop here, before any work
-        trainer = AETrainer(cfg, folder, rt, perceptual)
-        latest = trainer.checkpoints.latest()
-        if latest is not None:
-            trainer.resume(latest)
-        plan = {
-            "recipe": str(recipe),
-            "run": str(folder),
-            "device": str(rt.device),
-            "ranks": rt.world_size,
-            "batch": cfg.ae.train.batch,
-            "micro_batch": trainer.micro,
-            "accumulation": trainer.accum,
-            "start_step": trainer.step,
-            "steps": cfg.ae.train.steps,
-            "params": sum(p.numel() for p in trainer.ae.parameters()),
-            "discriminator_params": sum(p.numel() for p in trainer.disc.parameters()),
-            "perceptual": cfg.ae.loss.perceptual_type if perceptual is not None else "none",
-            "gan": cfg.ae.loss.gan,
-        }
-        if dry_run:
-            if json_output:
-                emit_json({"dry_run": True, **plan})
-            else:
-                for k, v in plan.items():
-                    print(f"{k:>20}: {v}")
-            return
-        if rt.is_main:
-            folder.mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_write_bytes(folder / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
-            if trainer.step:
-                print(f"resuming {folder} from step {trainer.step} ({latest.name})", file=sys.stderr)
-        result = trainer.run(show_progress=True)
-        if rt.is_main:
-            ckpt.atomic_write_json(folder / "result.json", result)
-            if json_output:
-                emit_json(result)
-            else:
-                _print_result(result)
-    finally:
-        rt.shutdown()
+    result = train_autoencoder(load_recipe(recipe, overrides or []), recipe, run_dir, device, dry_run)
+    if result is None:  # not rank 0
+        return
+    if json_output:
+        emit_json(result)
+    elif dry_run:
+        print_plan(result, width=20)
+    else:
+        print_training_result(result)
 
 
-def _print_result(result: dict) -> None:
+def print_training_result(result: dict) -> None:
     line = f"step {result['step']}/{result['steps']} in {result['seconds']:.0f} s -> {result['checkpoint']}"
     if result.get("stopped_by"):
         line += f" (stopped by {result['stopped_by']}; rerun to continue)"

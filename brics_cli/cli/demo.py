@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
@@ -19,21 +18,17 @@ def demo(
 
     Each stage is the real command, logged to OUT/logs/STAGE.log; rerunning resumes.
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    from brics_cli.core.progress import Progress
     from brics_cli.demo import plan, run_demo
 
-    console = Console(file=sys.stderr)
     names = [s.name for s in plan(out, quick)]
-    with Progress(TextColumn("[bold]demo[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stage]}"),
-                  TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task("demo", total=len(names), stage=names[0])
+    with Progress() as progress:
+        task = progress.task("demo", len(names), unit="stages")
 
         def on_stage(stage, i, total):
             what = f"skipped ({stage.optional_reason})" if stage.status == "skipped" else f"{stage.seconds:6.1f} s"
-            bar.console.print(f"[{i + 1}/{total}] {stage.name:<16} {what}")
-            bar.update(task, advance=1, stage=names[i + 1] if i + 1 < total else "report")
+            progress.log(f"[{i + 1}/{total}] {stage.name:<16} {what}")
+            task.advance(1)
 
         summary = run_demo(out, quick, on_stage)
     if json_output:

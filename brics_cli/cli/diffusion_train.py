@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from brics_cli.cli.output import emit_json
+from brics_cli.cli.ae_train import print_training_result
+from brics_cli.cli.output import emit_json, print_plan
 
 
 def diffusion_train(
@@ -25,58 +25,15 @@ def diffusion_train(
     Rerunning resumes from the newest checkpoint; SIGINT/SIGTERM checkpoint and exit 0; torchrun
     gives data-parallel training.
     """
-    import yaml
-
-    from brics_cli.config import to_dict
     from brics_cli.recipe import load_recipe
-    from brics_cli.train import checkpoint as ckpt
-    from brics_cli.train.ae import load_autoencoder
-    from brics_cli.train.diffusion import DiffusionTrainer, codes_key, encode_dataset, find_ae_checkpoint
-    from brics_cli.train.runtime import setup_runtime
+    from brics_cli.train.launch import train_diffusion
 
-    cfg = load_recipe(recipe, overrides or [])
-    folder = run_dir or Path(cfg.run.dir) / "diffusion"
-    ae_ckpt = find_ae_checkpoint(cfg, ae_run)
-    rt = setup_runtime(device)
-    try:
-        key = codes_key(ae_ckpt, cfg.data.shards, cfg.data.flip)
-        codes_dir = Path(cfg.run.dir) / "codes" / key
-        if dry_run:
-            plan = {"dry_run": True, "recipe": str(recipe), "run": str(folder), "ae_checkpoint": str(ae_ckpt),
-                    "codes": str(codes_dir), "codes_cached": (codes_dir / "done.json").is_file(), "device": str(rt.device),
-                    "ranks": rt.world_size, "steps": cfg.diffusion.train.steps, "batch": cfg.diffusion.optim.batch}
-            if json_output:
-                emit_json(plan)
-            else:
-                for k, v in plan.items():
-                    print(f"{k:>15}: {v}")
-            return
-        if rt.is_main:
-            if not (codes_dir / "done.json").is_file():
-                print(f"encoding {cfg.data.shards} with {ae_ckpt} -> {codes_dir}", file=sys.stderr)
-            ae, _ = load_autoencoder(ae_ckpt, ema=True, device=rt.device)
-            codes, info = encode_dataset(ae, cfg.data, codes_dir, rt.device)
-            del ae
-        rt.barrier()
-        if not rt.is_main:
-            codes, info = encode_dataset(None, cfg.data, codes_dir, rt.device)  # written by rank 0: read back
-        info = {**info, "dir": str(codes_dir), "key": key}
-        trainer = DiffusionTrainer(cfg, folder, rt, ae_ckpt, codes, info)
-        latest = trainer.checkpoints.latest()
-        if latest is not None:
-            trainer.resume(latest)
-            if rt.is_main:
-                print(f"resuming {folder} from step {trainer.step} ({latest.name})", file=sys.stderr)
-        if rt.is_main:
-            folder.mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_write_bytes(folder / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
-        result = trainer.run()
-        if rt.is_main:
-            ckpt.atomic_write_json(folder / "result.json", result)
-            if json_output:
-                emit_json(result)
-            else:
-                print(f"step {result['step']}/{result['steps']} in {result['seconds']:.0f} s -> {result['checkpoint']}"
-                      + (f" (stopped by {result['stopped_by']}; rerun to continue)" if result["stopped_by"] else ""))
-    finally:
-        rt.shutdown()
+    result = train_diffusion(load_recipe(recipe, overrides or []), recipe, ae_run, run_dir, device, dry_run)
+    if result is None:  # not rank 0
+        return
+    if json_output:
+        emit_json(result)
+    elif dry_run:
+        print_plan(result, width=15)
+    else:
+        print_training_result(result)

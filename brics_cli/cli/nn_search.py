@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -30,39 +29,10 @@ def nn_search_command(
     """For each sample, its k nearest training images: a cheap lower-bound embedding picks --candidates images
     with blockwise matrix products, their exact distance (LPIPS-AlexNet or L2) re-ranks them; --exact is brute
     force. Writes nn.json {"metric", "k", "queries": [{"sample", "neighbours": [{"key", "distance"}]}]} and nn-grid.png."""
-    from brics_cli.errors import ConfigError
-    from brics_cli.eval.sources import load_samples, newest_samples, recorded_reference
+    from brics_cli.eval.commands import run_nn_search
 
-    if metric not in ("lpips", "l2"):
-        raise ConfigError(f"--metric must be lpips or l2, got '{metric}'")
-    if k < 1 or candidates < 1 or batch < 1 or queries < 1:
-        raise ConfigError("--k, --candidates, --batch and --queries must be >= 1")
-    folder = samples if samples is not None else newest_samples(runs)
-    if samples is None:
-        print(f"samples: {folder} (newest `brics sample` output under {runs}/)", file=sys.stderr)
-    sample_set = load_samples(folder, queries, strict=False)
-    from brics_cli.eval import weights
-
-    weights.require_all(weights.LPIPS_WEIGHTS["alex"] if metric == "lpips" else ())  # before any work
-    recorded = recorded_reference(sample_set)
-    if ref is None and recorded is None:
-        raise ConfigError(f"no training data recorded for {folder}; pass --ref SHARDS")
-
-    from brics_cli.cli.progress import lazy_bar, resolve_device, stage_progress
-    from brics_cli.data.shards import write_json_atomic
-    from brics_cli.eval.nn_search import find_neighbours
-    from brics_cli.eval.sources import load_reference
-
-    dev = resolve_device(device)
-    with stage_progress() as start:
-        reference = load_reference(ref or recorded, split, None, lazy_bar(start, "export reference"))
-        print(f"reference: {reference.describe()}", file=sys.stderr)
-        report, sheet = find_neighbours(sample_set, reference, metric, k=k, candidates=candidates, exact=exact, batch=batch,
-                                        device=dev, grid_rows=grid_rows, progress=start)
-    out = out or folder
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "nn.json", report)
-    sheet.save(out / "nn-grid.png")
+    report, out = run_nn_search(samples, ref, split=split, k=k, queries=queries, metric=metric, candidates=candidates,
+                                exact=exact, grid_rows=grid_rows, out=out, batch=batch, device=device, runs=runs)
     s = report["search"]
     if json_output:
         emit_json({"out": str(out), "queries": len(report["queries"]),

@@ -17,3 +17,10 @@ def human_count(n: float, unit: str = "") -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f}{suffix}{unit}"
     return f"{n:.0f}{unit}"
+
+
+def print_plan(plan: dict, width: int) -> None:
+    """A `--dry-run` plan, one `key: value` per line, keys right-aligned."""
+    for key, value in plan.items():
+        if key != "dry_run":
+            print(f"{key:>{width}}: {value}")

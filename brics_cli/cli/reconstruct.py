@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from brics_cli.cli.output import emit_json
-
-
-def newest_ae_run(root: Path = Path("runs")) -> Path | None:
-    """The ae run folder under `root` whose newest checkpoint is the most recent."""
-    found = sorted(root.glob("**/checkpoints/step-*.safetensors"), key=lambda p: p.stat().st_mtime)
-    found = [p for p in found if (p.parent.parent / "config.yaml").is_file() and p.parent.parent.name == "ae"]
-    return found[-1].parent.parent if found else None
 
 
 def reconstruct(
@@ -37,35 +29,12 @@ def reconstruct(
     unavailable with the reason (`brics weights status`). Under torchrun the images are split over
     ranks (image i on rank i mod N); the metrics cover all of them and rank 0 prints them.
     """
-    from brics_cli.errors import BricsError
-    from brics_cli.eval.reconstruct import reconstruct as run_reconstruct
-    from brics_cli.train.ae import find_checkpoint, load_autoencoder
-    from brics_cli.train.runtime import setup_runtime
+    from brics_cli.infer.reconstruct import reconstruct_run
 
-    if run is not None and ckpt is not None:
-        raise BricsError("give --run or --ckpt, not both")
-    if ckpt is None:
-        if run is None:
-            run = newest_ae_run()
-            if run is None:
-                raise BricsError("no ae run found under runs/; pass --run DIR or --ckpt FILE (train one with `brics ae-train`)")
-            print(f"using the newest ae run: {run}", file=sys.stderr)
-        ckpt = find_checkpoint(run)
-    rt = setup_runtime(device)
-    try:
-        model, meta = load_autoencoder(ckpt, ema=not no_ema, device=rt.device)
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        with Progress(TextColumn("[bold]reconstruct[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=Console(file=sys.stderr), transient=True, disable=not rt.is_main) as bar:
-            task = bar.add_task("reconstruct", total=None if n is None else len(range(rt.rank, n, rt.world_size)))
-            result = run_reconstruct(model, ckpt, input, out, n=n, batch=batch, split=split, usage=usage,
-                                     device=rt.device, progress=lambda k: bar.advance(task, k), rt=rt)
-    finally:
-        rt.shutdown()
-    if not rt.is_main:
+    done = reconstruct_run(input, out, run, ckpt, n=n, batch=batch, split=split, usage=usage, ema=not no_ema, device=device)
+    if done is None:  # not rank 0
         return
+    result, meta = done
     if json_output:
         emit_json(result)
         return

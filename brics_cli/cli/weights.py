@@ -18,7 +18,7 @@ def weights_status(
 ) -> None:
     """Every pretrained file any command may need: where it is expected, whether it is present, whether its sha256
     is the published one, and which commands need it. Honours BRICS_WEIGHTS_DIR, TORCH_HOME and XDG_CACHE_HOME."""
-    from brics_cli.eval.weights import status
+    from brics_cli.nets.weights import status
 
     rows = status(verify=verify)
     if json_output:
@@ -48,7 +48,7 @@ def weights_path(
 ) -> None:
     """Where a file is (or, when missing, exactly where to put it): one `NAME PATH` line per file."""
     from brics_cli.errors import ConfigError
-    from brics_cli.eval import weights
+    from brics_cli.nets import weights
 
     if name is not None and name not in weights.CATALOGUE:
         raise ConfigError(f"unknown weight file '{name}'; known: {', '.join(weights.CATALOGUE)}")
@@ -68,18 +68,18 @@ def weights_fetch(
 ) -> None:
     """Download files to where they belong (BRICS_WEIGHTS_DIR or the library's place), verifying sha256.
     Only for machines with internet; every other command only reads local files."""
-    from brics_cli.cli.progress import lazy_bar, stage_progress
+    from brics_cli.core.progress import Progress
     from brics_cli.errors import ConfigError
-    from brics_cli.eval import weights
+    from brics_cli.nets import weights
 
     unknown = [n for n in names or [] if n not in weights.CATALOGUE]
     if unknown:
         raise ConfigError(f"unknown weight file(s) {', '.join(unknown)}; known: {', '.join(weights.CATALOGUE)}")
     todo = names or [n for n, w in weights.CATALOGUE.items() if w.home != "lpips-wheel" and weights.locate(n) is None]
     fetched = {}
-    with stage_progress() as start:
+    with Progress(transient=True) as progress:
         for n in todo:
-            fetched[n] = str(weights.fetch(n, lazy_bar(start, n)))
+            fetched[n] = str(weights.fetch(n, progress.lazy(n, unit="B")))
     if json_output:
         emit_json({"fetched": fetched})
     else:

@@ -24,10 +24,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from brics_cli.core.images import FORMAT_NAMES, array_to_tensor
 from brics_cli.data.config import DataConfig
 from brics_cli.errors import BricsError, ConfigError
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+IMAGE_EXTS = tuple(FORMAT_NAMES)  # the sample keys that hold an image: png, jpg, jpeg, webp
 
 
 def shard_urls(shards: str, split: str) -> list[str]:
@@ -74,8 +75,7 @@ def decode_image(files: dict[str, Any], resolution: int) -> torch.Tensor:
     img.load()
     if img.size != (resolution, resolution):
         raise ValueError(f"image is {img.size[0]}x{img.size[1]}, expected {resolution}x{resolution} (data.resolution)")
-    array = np.asarray(img.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1).div_(127.5).sub_(1.0)
+    return array_to_tensor(np.asarray(img.convert("RGB")))
 
 
 class ShardDataset(torch.utils.data.IterableDataset):

@@ -5,7 +5,7 @@ each to train or val, and shard s of a split holds items [s * shard_size, (s + 1
 that split's list. A shard's bytes therefore depend only on its items and the options -- not on
 the number of workers, nor on which shards were written by an earlier, interrupted run.
 
-Each shard is written to a temporary name, fsynced and renamed, then a done-marker (with its
+Each shard is written atomically (`core.files.atomic_write_bytes`), then a done-marker (with its
 sha256, sample count and failures) is written; a rerun skips shards whose marker and tar agree.
 The options of a run are stored in `.brics-shard/options.json`; a rerun with other options is
 refused unless `--overwrite`. Tar members have a fixed mtime, owner and mode, so identical input
@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 import tarfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -25,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from brics_cli.core.files import atomic_write_bytes, atomic_write_json, remove_stale_temporaries, sha256_bytes, sha256_file
 from brics_cli.errors import BricsError, ConfigError
 
 STATE_DIR = ".brics-shard"
@@ -65,14 +65,6 @@ class ShardResult:
             examples.append(detail)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def item_rng(seed: int, item_id: str) -> random.Random:
     """A per-item random stream: the same item gets the same crop whatever worker handles it."""
     digest = hashlib.sha256(f"{seed}:{item_id}".encode()).digest()
@@ -81,7 +73,6 @@ def item_rng(seed: int, item_id: str) -> random.Random:
 
 def write_tar_atomic(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> str:
     """Write a reproducible tar of samples (key, {ext: bytes}); returns its sha256."""
-    tmp = path.with_name(path.name + ".tmp")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, files in samples:
@@ -93,22 +84,8 @@ def write_tar_atomic(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]
                 info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o644, 0, 0, "", ""
                 tar.addfile(info, io.BytesIO(files[ext]))
     data = buf.getvalue()
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return hashlib.sha256(data).hexdigest()
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
+    return sha256_bytes(data)
 
 
 @dataclass(frozen=True)
@@ -124,7 +101,7 @@ class ShardJob:
 
 def run_job(job: ShardJob) -> ShardResult:
     """Process the job's items (skipping bad ones) and write its shard. Runs in a worker process."""
-    from brics_cli.data.images import ImageSkip
+    from brics_cli.core.images import ImageSkip
 
     result = ShardResult(job.name)
     samples = []
@@ -135,7 +112,7 @@ def run_job(job: ShardJob) -> ShardResult:
             result.skip(skip.category, f"{item_id(item)}: {skip.detail}")
     result.count = len(samples)
     result.sha256 = write_tar_atomic(Path(job.out) / job.name, samples)
-    write_json_atomic(Path(job.out) / STATE_DIR / f"{job.name}.done.json", asdict(result))
+    atomic_write_json(Path(job.out) / STATE_DIR / f"{job.name}.done.json", asdict(result))
     return result
 
 
@@ -170,7 +147,7 @@ def prepare_output(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> N
     state = out / STATE_DIR
     options_file = state / "options.json"
     if overwrite and out.exists():
-        for path in list(out.glob("*.tar")) + list(out.glob("*.tar.tmp")) + [out / "manifest.json"]:
+        for path in list(out.glob("*.tar")) + [out / "manifest.json"]:
             path.unlink(missing_ok=True)
         for path in state.glob("*") if state.exists() else []:
             path.unlink()
@@ -185,7 +162,9 @@ def prepare_output(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> N
     elif out.exists() and any(out.glob("*.tar")):
         raise ConfigError(f"{out} already holds .tar files not written by `brics shard`; pass --overwrite or choose another --out")
     state.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(options_file, fingerprint)
+    for folder in (out, state):  # temporary files of a killed earlier run
+        remove_stale_temporaries(folder)
+    atomic_write_json(options_file, fingerprint)
 
 
 def write_shards(
@@ -257,5 +236,5 @@ def write_manifest(out, jobs, results, source, options, version) -> dict[str, An
         "shards": {job.name: results[job.name].sha256 for job in jobs},
         "brics_version": version,
     }
-    write_json_atomic(out / "manifest.json", manifest)
+    atomic_write_json(out / "manifest.json", manifest)
     return manifest

@@ -7,8 +7,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from brics_cli.data.images import ImageSkip, decode_check
-from brics_cli.data.shards import sha256_file
+from brics_cli.core.images import ImageSkip, decode_check
+from brics_cli.core.files import sha256_file
 from brics_cli.errors import ConfigError
 
 IMAGE_EXTS = ("png", "jpg", "webp")

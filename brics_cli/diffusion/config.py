@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from brics_cli.errors import RegistryError
 from brics_cli.models.unet import UNetConfig
@@ -98,6 +98,9 @@ class DiffusionStageConfig:
     optim: DiffusionOptimConfig = field(default_factory=DiffusionOptimConfig)
     train: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
     sample: DiffusionSampleConfig = field(default_factory=DiffusionSampleConfig)
+
+    # What a resumed run must share with its checkpoint; optim, train and sample may change.
+    RESUME_MUST_MATCH: ClassVar[tuple[str, ...]] = ("model", "schedule")
 
 
 def lr_multiplier(cfg: DiffusionOptimConfig) -> Callable[[int], float]:

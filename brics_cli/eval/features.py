@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from brics_cli.errors import BricsError
-from brics_cli.eval import weights
+from brics_cli.nets import weights
 
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:

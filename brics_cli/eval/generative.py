@@ -18,9 +18,9 @@ import torch
 
 from brics_cli.errors import ConfigError
 from brics_cli.eval import metrics as M
-from brics_cli.eval import weights
+from brics_cli.nets import weights
 from brics_cli.eval.features import Extractor, cached_features, production_extractors
-from brics_cli.eval.sources import ImageSet, cache_root
+from brics_cli.eval.image_sets import ImageSet, cache_root
 
 GENERATIVE_METRICS = ("fid", "clip-fid", "is", "kid", "prc")
 NEEDS = {  # metric -> (extractor, feature)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from brics_cli.eval.recon import load_image
+from brics_cli.core.images import from_uint8, load_image, to_uint8
 
 QUERY_CHUNK = 256  # samples searched at once: bounds memory whatever the number of samples
 
@@ -119,7 +119,7 @@ class ImageBank:
             self.store[0], self.loaded[0] = first, True
 
     def _decode(self, i: int) -> torch.Tensor:
-        return ((load_image(self.files[i]) + 1) * 127.5).round().to(torch.uint8)
+        return to_uint8(load_image(self.files[i]))
 
     def get(self, indices: Sequence[int]) -> torch.Tensor:
         idx = torch.as_tensor(list(indices), dtype=torch.long)
@@ -134,7 +134,7 @@ class ImageBank:
             from brics_cli.errors import BricsError
 
             raise BricsError(f"images of different sizes among {self.files[0].parent}: every image of a set must have one size") from exc
-        return images.float().div_(127.5).sub_(1.0)
+        return from_uint8(images)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -273,7 +273,7 @@ def contact_sheet(rows: list[list[torch.Tensor]], gap: int = 2):
         for x, img in enumerate(row):
             if img.shape[-2:] != (h, w):
                 img = F.interpolate(img[None], size=(h, w), mode="area")[0]
-            array = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+            array = to_uint8(img).permute(1, 2, 0).cpu().numpy()
             sheet.paste(Image.fromarray(array), (x * (w + gap), y * (h + gap)))
     return sheet
 
@@ -282,11 +282,11 @@ def find_neighbours(samples, reference, metric: str, *, k: int = 5, candidates: 
                     batch: int = 64, device: torch.device = torch.device("cpu"), grid_rows: int = 16, progress=None):
     """`brics nn-search`: (nn.json report, contact sheet) for the samples against the reference (`ImageSet`s)."""
     from brics_cli.errors import ConfigError
-    from brics_cli.eval import weights
-    from brics_cli.eval.sources import cache_root
+    from brics_cli.nets import weights
+    from brics_cli.eval.image_sets import cache_root
 
     if metric == "lpips":
-        from brics_cli.eval.recon import load_lpips
+        from brics_cli.nets.perceptual import load_lpips
 
         distance = LPIPSDistance(load_lpips("alex", device))
     else:

@@ -14,11 +14,15 @@ default), `kl` (Suppl. A.4: z = sigmoid(mu + sigma eps) with a KL term; Table 4'
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from brics_cli.config import build
+from brics_cli.core import checkpoint as ckpt
+from brics_cli.errors import BricsError
 from brics_cli.models.discriminator import DiscriminatorConfig
 from brics_cli.models.encoder import Encoder, EncoderConfig
 from brics_cli.models.grid import GridConfig
@@ -112,6 +116,21 @@ class BRICSAutoencoder(nn.Module):
         decoder_cls = DECODERS.get(cfg.decoder.name)
         self.decoder = decoder_cls(cfg.decoder, cfg.features.channels, cfg.features.resolution, resolution, in_channels)
 
+    @classmethod
+    def from_checkpoint(cls, path: Path, ema: bool = True, device: str | torch.device = "cpu") -> "BRICSAutoencoder":
+        """The (EMA) autoencoder of an ae-train checkpoint, in eval mode; `.checkpoint_meta` is its metadata.
+
+        The checkpoint alone rebuilds the model: its metadata holds the resolved config and the
+        decoder's registry name (with the distribution that provides it)."""
+        meta = ckpt.read_metadata(path)
+        if meta.get("kind") != "ae":
+            raise BricsError(f"{path}: a '{meta.get('kind')}' checkpoint, not an autoencoder one")
+        cfg, resolution = autoencoder_config(meta, path)
+        model = cls(cfg, resolution)
+        model.load_state_dict(ckpt.load_tensors(path, "ema." if ema else "ae."))
+        model.checkpoint_meta = meta
+        return model.to(device).eval()
+
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Images (B, 3, H, W) in [-1, 1] -> key codes z in [0,1] and, for `kl`, the KL per image."""
         logits = self.encoder(x)
@@ -138,3 +157,29 @@ class BRICSAutoencoder(nn.Module):
     def forward(self, x: Tensor) -> AutoencoderOutput:
         z, kl = self.encode(x)
         return AutoencoderOutput(self.decode(z), z, kl)
+
+
+def decoder_provenance(name: str) -> dict[str, Any]:
+    """What a checkpoint records of its decoder: registry name, module, distribution and version."""
+    DECODERS.get(name)
+    entry = next(e for e in DECODERS.entries() if e.name == name)
+    return {"name": name, "module": entry.module, "distribution": entry.distribution, "version": entry.version}
+
+
+def autoencoder_config(meta: dict[str, Any], source: Path) -> tuple[AutoencoderConfig, int]:
+    """The model config and image resolution recorded in a checkpoint's metadata."""
+    decoder = meta.get("decoder", {})
+    name = decoder.get("name")
+    if name and name not in DECODERS:
+        dist = decoder.get("distribution") or f"the plugin providing '{name}'"
+        raise BricsError(
+            f"{source}: the model uses decoder '{name}' from distribution {dist} "
+            f"{decoder.get('version') or ''}, which is not installed; `pip install {dist}` (e.g. pip install -e plugins/{dist})"
+        )
+    try:
+        fields = set(AutoencoderConfig.__dataclass_fields__)
+        data = {k: v for k, v in meta["config"]["ae"].items() if k in fields}
+        resolution = int(meta["config"]["data"]["resolution"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BricsError(f"{source}: malformed brics metadata (no usable config.ae / config.data.resolution: {exc!r})") from exc
+    return build(AutoencoderConfig, data, "ae"), resolution

@@ -183,7 +183,7 @@ def weight_derivatives(frac: Tensor) -> list[Tensor]:
 
 
 @dataclass(frozen=True)
-class _Level:
+class Level:
     """What the interpolation needs of one level: its one-level layout, scale and first table row."""
 
     layout: GridLayout
@@ -193,18 +193,18 @@ class _Level:
     offset: int
 
 
-def _levels(layout: GridLayout) -> tuple[_Level, ...]:
+def _levels(layout: GridLayout) -> tuple[Level, ...]:
     out = []
     for l, r in enumerate(layout.resolutions):
         one = GridLayout(
             layout.dims, (r,), layout.vertices[l : l + 1], layout.entries[l : l + 1], (0,), layout.table_size, layout.position
         )
         ngp = layout.position == "ngp"
-        out.append(_Level(one, r - 1 if ngp else r, 0.5 if ngp else 0.0, layout.vertices[l] - 2, layout.offsets[l]))
+        out.append(Level(one, r - 1 if ngp else r, 0.5 if ngp else 0.0, layout.vertices[l] - 2, layout.offsets[l]))
     return tuple(out)
 
 
-def _level_corners(q: Tensor, level: _Level, index_fn, group_rows: Tensor) -> tuple[Tensor, Tensor]:
+def _level_corners(q: Tensor, level: Level, index_fn, group_rows: Tensor) -> tuple[Tensor, Tensor]:
     """Rows of the flat (G * E, C) table for the 2^d corners (G, N, K), and the cell fractions (G, N, d)."""
     pos = q * level.scale + level.shift  # (G, N, d)
     # q = 1 with an integer r_l sits on the last vertex. A non-finite key gets a valid row but keeps

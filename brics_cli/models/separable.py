@@ -27,7 +27,7 @@ import functools
 import torch
 from torch import Tensor
 
-from brics_cli.models.grid import GridLayout, _Level, grid_index
+from brics_cli.models.grid import GridLayout, Level, grid_index
 
 
 # Cost of gathering one corner row relative to one multiply-accumulate of a dense matrix product,
@@ -51,7 +51,7 @@ def prefer_separable(layout: GridLayout, batch: int, size: tuple[int, int], key_
 
 
 @functools.lru_cache(maxsize=256)
-def axis_weights(level: _Level, n: int, device, dtype) -> Tensor:
+def axis_weights(level: Level, n: int, device, dtype) -> Tensor:
     """(n, V) matrix: row j holds the two linear weights of pixel centre (j + 0.5) / n at this level."""
     V = level.layout.vertices[0]
     pos = (torch.arange(n, device=device, dtype=torch.float64) + 0.5) / n * level.scale + level.shift
@@ -65,7 +65,7 @@ def axis_weights(level: _Level, n: int, device, dtype) -> Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def virtual_rows(level: _Level, index_fn, device) -> Tensor | None:
+def virtual_rows(level: Level, index_fn, device) -> Tensor | None:
     """Table row of every vertex of a capped level, in (y, x, key...) row-major order; None if dense."""
     layout: GridLayout = level.layout
     V, d = layout.vertices[0], layout.dims
@@ -182,7 +182,7 @@ def weight_derivatives_cm(frac: Tensor) -> list[Tensor]:
     return out
 
 
-def _virtual_table(tables: Tensor, level: _Level, index_fn, V: int, C_key: int) -> Tensor:
+def _virtual_table(tables: Tensor, level: Level, index_fn, V: int, C_key: int) -> Tensor:
     """The level's rows for every vertex of its (V_y, V_x, V_k) grid: (G, V_y, V_x, V_k C)."""
     G, _, C = tables.shape
     n, T = V ** (C_key + 2), level.layout.table_size
@@ -196,7 +196,7 @@ def _virtual_table(tables: Tensor, level: _Level, index_fn, V: int, C_key: int) 
     return dense.reshape(G, V, V, V**C_key * C)
 
 
-def _scatter_virtual(block: Tensor, dTv: Tensor, level: _Level, index_fn) -> None:
+def _scatter_virtual(block: Tensor, dTv: Tensor, level: Level, index_fn) -> None:
     """Write the gradient of every vertex (G, n, C) into the level's rows (the transpose of the above)."""
     n, T = dTv.shape[1], level.layout.table_size
     if n <= T:
@@ -212,7 +212,7 @@ def _scatter_virtual(block: Tensor, dTv: Tensor, level: _Level, index_fn) -> Non
         block.index_add_(1, virtual_rows(level, index_fn, dTv.device), dTv)
 
 
-def _key_corners(keys_t: Tensor, level: _Level, V: int, pixel_rows: Tensor) -> tuple[Tensor, Tensor]:
+def _key_corners(keys_t: Tensor, level: Level, V: int, pixel_rows: Tensor) -> tuple[Tensor, Tensor]:
     """Rows of the lower key corners along k_0 (Kc / 2, M) in the per-pixel tables, and fractions (C_key, M)."""
     C_key = keys_t.shape[0]
     pos = keys_t * level.scale + level.shift

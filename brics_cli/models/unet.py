@@ -33,8 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from brics_cli.diffusion.schedules import LOGSNR_MAX
-
+# The noise levels the UNet is built for. Every schedule clips gamma to [1e-9, 1 - 1e-9]
+# (brics_cli/diffusion/schedules.py: GAMMA_MIN, GAMMA_MAX), so |logSNR| <= 20.72; computed the same
+# way as there (tests/test_diffusion.py checks that the two agree).
+_GAMMA_MAX = 1.0 - 1e-9
+LOGSNR_MAX = math.log(_GAMMA_MAX / (1.0 - _GAMMA_MAX))
 LOGSNR_EMBED_SCALE = 1000.0 / (2.0 * LOGSNR_MAX)  # logSNR in [-20.7, 20.7] -> positions in [-500, 500]
 
 

@@ -27,24 +27,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from brics_cli import __version__
-from brics_cli.config import build, to_dict
+from brics_cli.config import to_dict
+from brics_cli.core import checkpoint as ckpt
+from brics_cli.core.images import save_image_grid
+from brics_cli.core.progress import Progress
+from brics_cli.core.runtime import Runtime, seed_everything
 from brics_cli.data.loader import make_loader
 from brics_cli.errors import BricsError, ConfigError
-from brics_cli.models.autoencoder import AutoencoderConfig, BRICSAutoencoder
+from brics_cli.models.autoencoder import BRICSAutoencoder, decoder_provenance
 from brics_cli.models.discriminator import Discriminator
 from brics_cli.models.keycode import key_queries, tile_key_codes
-from brics_cli.registry import DECODERS
-from brics_cli.train import checkpoint as ckpt
-from brics_cli.train.loop import (
-    EMA,
-    MetricsLog,
-    NonFiniteGuard,
-    StopRequest,
-    Throughput,
-    TrainProgress,
-    checkpoint_or_stop,
-    save_image_grid,
-)
+from brics_cli.train.ema import EMA
+from brics_cli.train.guard import NonFiniteGuard, StopRequest, checkpoint_or_stop, grad_norm
 from brics_cli.train.losses import (
     gradient_penalty,
     logistic_discriminator_loss,
@@ -53,8 +47,8 @@ from brics_cli.train.losses import (
     wgan_discriminator_loss,
     wgan_generator_loss,
 )
+from brics_cli.train.metrics_log import MetricsLog, Throughput
 from brics_cli.train.optim import build_optimizers
-from brics_cli.train.runtime import Runtime, seed_everything
 
 
 @dataclass
@@ -100,62 +94,7 @@ def accumulation(batch: int, world_size: int, micro_batch: int | None) -> tuple[
     return micro, per_rank // micro
 
 
-# -- building a model back from a checkpoint ------------------------------------------------------
-
-
-def decoder_provenance(name: str) -> dict[str, Any]:
-    DECODERS.get(name)
-    entry = next(e for e in DECODERS.entries() if e.name == name)
-    return {"name": name, "module": entry.module, "distribution": entry.distribution, "version": entry.version}
-
-
-def autoencoder_config(meta: dict[str, Any], source: Path) -> tuple[AutoencoderConfig, int]:
-    """The model config and image resolution recorded in a checkpoint's metadata."""
-    decoder = meta.get("decoder", {})
-    name = decoder.get("name")
-    if name and name not in DECODERS:
-        dist = decoder.get("distribution") or f"the plugin providing '{name}'"
-        raise BricsError(
-            f"{source}: the model uses decoder '{name}' from distribution {dist} "
-            f"{decoder.get('version') or ''}, which is not installed; `pip install {dist}` (e.g. pip install -e plugins/{dist})"
-        )
-    fields = {f for f in AutoencoderConfig.__dataclass_fields__}
-    data = {k: v for k, v in meta["config"]["ae"].items() if k in fields}
-    return build(AutoencoderConfig, data, "ae"), int(meta["config"]["data"]["resolution"])
-
-
-def load_autoencoder(path: Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[BRICSAutoencoder, dict[str, Any]]:
-    """The (EMA) autoencoder stored in an ae-train checkpoint, in eval mode, and its metadata."""
-    meta = ckpt.read_metadata(path)
-    if meta.get("kind") != "ae":
-        raise BricsError(f"{path}: a '{meta.get('kind')}' checkpoint, not an autoencoder one")
-    cfg, resolution = autoencoder_config(meta, path)
-    model = BRICSAutoencoder(cfg, resolution)
-    state = ckpt.load_tensors(path, "ema." if ema else "ae.")
-    model.load_state_dict(state)
-    return model.to(device).eval(), meta
-
-
-def find_checkpoint(run: Path) -> Path:
-    """Newest checkpoint of an ae run folder (or the file itself)."""
-    run = Path(run)
-    if run.is_file():
-        return run
-    for folder in (run / "checkpoints", run / "ae" / "checkpoints"):
-        latest = ckpt.CheckpointDir(folder).latest()
-        if latest is not None:
-            return latest
-    raise BricsError(f"{run}: no checkpoint found (expected {run}/checkpoints/step-NNNNNN.safetensors); run `brics ae-train` first")
-
-
 # -- the trainer ----------------------------------------------------------------------------------
-
-
-def grad_norm(params: list[Tensor]) -> float:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
 class AETrainer:
@@ -231,13 +170,7 @@ class AETrainer:
         meta = ckpt.read_metadata(path)
         if meta.get("kind") != "ae":
             raise BricsError(f"{path}: not an autoencoder checkpoint")
-        mine, theirs = to_dict(self.recipe), meta["config"]
-        changed = [
-            f"ae.{k}" for k in sorted(set(mine["ae"]) | set(theirs["ae"]))
-            if k not in ("train", "loss") and mine["ae"].get(k) != theirs["ae"].get(k)
-        ]
-        if mine["data"]["resolution"] != theirs["data"]["resolution"]:
-            changed.append("data.resolution")
+        changed = self.recipe.resume_conflicts(meta.get("config", {}), "ae")
         if changed:
             raise ConfigError(
                 f"{path.parent.parent}: its checkpoints were trained with different {', '.join(changed)}; "
@@ -408,7 +341,7 @@ class AETrainer:
 
     def _write_samples(self, val: Tensor) -> float:
         recon = self.ema.module.decode(self.ema.module.encode(val)[0]).float().clamp(-1, 1)
-        save_image_grid([val, recon], self.run_dir / "samples" / f"step-{self.step:06d}.png")
+        save_image_grid(torch.cat([val, recon]), self.run_dir / "samples" / f"step-{self.step:06d}.png", per_row=len(val))
         mse = (recon - val).square().flatten(1).mean(1)
         return float((10 * torch.log10(4.0 / mse)).mean())
 
@@ -429,7 +362,8 @@ class AETrainer:
         metrics = MetricsLog(self.run_dir, self.rt.is_main)
         metrics.truncate_after(self.step)
         val = self.validation_batch(cfg.val_images)
-        self.progress = TrainProgress(cfg.steps, self.step, show_progress and self.rt.is_main, "ae-train")
+        self.progress = Progress(show_progress and self.rt.is_main and cfg.steps > self.step)
+        bar = self.progress.task("ae-train", cfg.steps, self.step)
         stream = self.batches(loader, dataset)
         window: dict[str, float] = {}
         window_steps = 0
@@ -466,7 +400,7 @@ class AETrainer:
                         record["skipped_samples"] = dataset.skipped.count
                         metrics.write(self.step, record)
                         shown = {k: record[k] for k in ("l2", "perceptual", "g_adv", "d_adv") if k in record}
-                        self.progress.update(self.step, record["img_per_s"], shown)
+                        bar.update(self.step, record["img_per_s"], shown, force=True)
                         window, window_steps = {}, 0
                     stopped_by = checkpoint_or_stop(self.step, cfg.steps, cfg.checkpoint_every, stop, self.rt, self.save, self.log)
                     if stopped_by:
@@ -498,7 +432,7 @@ class AETrainer:
     @torch.no_grad()
     def evaluate(self, n: int) -> dict[str, Any]:
         """EMA PSNR/SSIM on up to n held-out images (the val split; train split if there is none)."""
-        from brics_cli.eval.recon import psnr, ssim, summarise
+        from brics_cli.eval.recon_metrics import psnr, ssim, summarise  # the metrics of `brics reconstruct`
 
         images = self.validation_batch(n)
         if images is None:

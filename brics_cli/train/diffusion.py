@@ -24,29 +24,25 @@ import torch
 from torch import Tensor
 
 from brics_cli import __version__
-from brics_cli.config import build, to_dict
+from brics_cli.config import to_dict
+from brics_cli.core import checkpoint as ckpt
+from brics_cli.core.files import atomic_write_json, sha256_file
+from brics_cli.core.images import save_image_grid
+from brics_cli.core.progress import Progress
+from brics_cli.core.runtime import Runtime, seed_everything
 from brics_cli.data.loader import ShardDataset
 from brics_cli.diffusion.config import DiffusionStageConfig, build_optimizer
 from brics_cli.diffusion.loss import codes_to_x0, diffusion_loss, x0_to_codes
 from brics_cli.diffusion.samplers import sample_generators
 from brics_cli.diffusion.schedules import build_schedule
 from brics_cli.errors import BricsError, ConfigError
+from brics_cli.models.autoencoder import BRICSAutoencoder
 from brics_cli.models.unet import UNet
 from brics_cli.registry import SAMPLERS
-from brics_cli.data.shards import sha256_file
-from brics_cli.train import checkpoint as ckpt
-from brics_cli.train.ae import find_checkpoint, grad_norm, load_autoencoder
-from brics_cli.train.loop import (
-    EMA,
-    MetricsLog,
-    NonFiniteGuard,
-    StopRequest,
-    Throughput,
-    TrainProgress,
-    checkpoint_or_stop,
-    save_image_grid,
-)
-from brics_cli.train.runtime import Runtime, seed_everything
+from brics_cli.runs import find_checkpoint
+from brics_cli.train.ema import EMA
+from brics_cli.train.guard import NonFiniteGuard, StopRequest, checkpoint_or_stop, grad_norm
+from brics_cli.train.metrics_log import MetricsLog, Throughput
 
 PART_SIZE = 4096  # codes per cache file
 
@@ -125,7 +121,7 @@ def encode_dataset(ae, data_cfg, folder: Path, device: torch.device, batch: int 
         raise BricsError(f"data.shards: {data_cfg.shards} has no readable training images to encode")
     record = {"parts": parts, "images": count, "codes": sum(len(c) for c in codes), "flip": data_cfg.flip,
               "corrupt_skipped": dataset.skipped.count, "seconds": round(time.perf_counter() - t0, 2)}
-    ckpt.atomic_write_json(done, record)
+    atomic_write_json(done, record)
     return torch.cat(codes), record
 
 
@@ -136,7 +132,7 @@ def find_ae_checkpoint(recipe, ae_run: Path | None) -> Path:
     run = Path(ae_run) if ae_run is not None else Path(recipe.run.dir) / "ae"
     if not run.exists():
         raise BricsError(f"no autoencoder run at {run}: train one with `brics ae-train` first, or pass --ae-run DIR")
-    return find_checkpoint(run)
+    return find_checkpoint(run, "ae")
 
 
 class DiffusionTrainer:
@@ -207,8 +203,7 @@ class DiffusionTrainer:
 
     def resume(self, path: Path) -> None:
         meta = ckpt.read_metadata(path)
-        mine, theirs = to_dict(self.recipe)["diffusion"], meta["config"]["diffusion"]
-        changed = [f"diffusion.{k}" for k in ("model", "schedule") if mine[k] != theirs[k]]
+        changed = self.recipe.resume_conflicts(meta.get("config", {}), "diffusion")
         if changed:
             raise ConfigError(f"{path.parent.parent}: its checkpoints were trained with different {', '.join(changed)}; "
                               "start a new run (--run-dir) or restore the recipe")
@@ -253,21 +248,21 @@ class DiffusionTrainer:
 
     def _write_samples(self, n: int) -> None:
         if self.ae is None:
-            self.ae, _ = load_autoencoder(self.ae_checkpoint, ema=True, device=self.rt.device)
+            self.ae = BRICSAutoencoder.from_checkpoint(self.ae_checkpoint, ema=True, device=self.rt.device)
         s = self.cfg.sample
         sampler = SAMPLERS.get(s.sampler)
         x = sampler(self.ema.module, self.schedule, self.shape, steps=s.steps, generators=sample_generators(0, range(n)),
                     eta=s.eta, clip_x0=s.clip_x0, device=self.rt.device)
         images = self.ae.decode(x0_to_codes(x)).clamp(-1, 1)
-        half = n // 2
-        save_image_grid([images[:half], images[half:]], self.run_dir / "samples" / f"step-{self.step:06d}.png")
+        save_image_grid(images, self.run_dir / "samples" / f"step-{self.step:06d}.png", per_row=max(n // 2, 1))
 
     def run(self, show_progress: bool = True) -> dict[str, Any]:
         tc = self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(self.run_dir, self.rt.is_main)
         metrics.truncate_after(self.step)
-        progress = TrainProgress(tc.steps, self.step, show_progress and self.rt.is_main, "diffusion-train", "codes/s")
+        progress = Progress(show_progress and self.rt.is_main and tc.steps > self.step)
+        bar = progress.task("diffusion-train", tc.steps, self.step, unit="codes")
         start_step, t_start = self.step, time.perf_counter()
         window: dict[str, float] = {}
         count, throughput, stopped_by = 0, Throughput(), None
@@ -287,7 +282,7 @@ class DiffusionTrainer:
                         record["codes_per_s"] = throughput.read()
                         record["bad_steps"] = self.guard.total
                         metrics.write(self.step, record)
-                        progress.update(self.step, record["codes_per_s"], {k: record[k] for k in ("loss", "mse") if k in record})
+                        bar.update(self.step, record["codes_per_s"], {k: record[k] for k in ("loss", "mse") if k in record}, force=True)
                         window, count = {}, 0
                     if self.step % tc.sample_every == 0 or self.step == tc.steps:
                         self.write_samples()
@@ -311,15 +306,3 @@ class DiffusionTrainer:
             "codes": self.codes_info,
             "rank_param_max_diff": self.rt.max_rank_difference(list(self.unet.parameters())),
         }
-
-
-def load_diffusion(path: Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[UNet, Any, dict]:
-    """(UNet in eval mode, schedule, metadata) from a diffusion checkpoint."""
-    meta = ckpt.read_metadata(path)
-    if meta.get("kind") != "diffusion":
-        raise BricsError(f"{path}: a '{meta.get('kind')}' checkpoint, not a diffusion one")
-    stage = build(DiffusionStageConfig, meta["config"]["diffusion"], "diffusion")
-    C, H, _ = meta["code_shape"]
-    unet = UNet(stage.model, C, H)
-    unet.load_state_dict(ckpt.load_tensors(path, "ema." if ema else "unet."))
-    return unet.to(device).eval(), build_schedule(stage.schedule), meta

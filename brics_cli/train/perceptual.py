@@ -45,9 +45,9 @@ def build_perceptual(cfg: AELossConfig, device: torch.device) -> nn.Module | Non
     if cfg.perceptual_type == "none" or cfg.perceptual == 0:
         return None
     if cfg.perceptual_type == "lpips-vgg":
-        from brics_cli.eval.recon import load_lpips
+        from brics_cli.nets.perceptual import load_lpips
 
         return LPIPSLoss(load_lpips("vgg", device)).to(device)
-    from brics_cli.eval.recon import vgg16_features
+    from brics_cli.nets.perceptual import vgg16_features
 
     return VGGL1(vgg16_features(("relu1_2", "relu2_2", "relu3_3", "relu4_3"), resize=224, device=device))

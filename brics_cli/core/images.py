@@ -1,4 +1,9 @@
-"""The image layer of `brics shard`: raw image bytes -> fixed-size 8-bit RGB training images.
+"""Images: raw bytes -> fixed-size 8-bit RGB images (`brics shard`), and tensors <-> files.
+
+The tensor convention of the whole package: float (..., 3, H, W) in [-1, 1]; `to_uint8` /
+`from_uint8` convert (round half up, as PIL would store it), `png_bytes`, `load_image` and
+`save_image_grid` read and write files. torch is imported inside those functions, so shard workers
+that only decode and encode never pay for it.
 
 decode_rgb -> (center|random)_crop_box -> crop_resize -> encode, plus decode_check for
 `brics shard verify`. Every input that cannot become a training image raises `ImageSkip` with one
@@ -26,6 +31,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what brics reads as an image file
 CATEGORIES = ("empty", "not_image", "corrupt", "truncated", "too_large", "too_small", "unreadable", "unsafe_path", "bad_name")
 FILTERS = {"lanczos": Image.LANCZOS, "bicubic": Image.BICUBIC, "box": Image.BOX}
 SMALL_POLICIES = ("skip", "upscale")
@@ -193,3 +199,63 @@ def decode_check(data: bytes, fmt: str) -> tuple[int, int]:
     if img.format != expected:
         raise ImageSkip("corrupt", f"sample named .{fmt} holds {img.format} data")
     return img.size
+
+
+# -- tensors <-> files ------------------------------------------------------------------------------
+
+
+def is_image_file(path) -> bool:
+    """An image by its suffix, not hidden."""
+    from pathlib import Path
+
+    path = Path(path)
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def to_uint8(images):
+    """float (..., 3, H, W) in [-1, 1] -> uint8 (..., 3, H, W), clamped and rounded."""
+    import torch
+
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(images):
+    """uint8 (..., 3, H, W) -> float32 (..., 3, H, W) in [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def array_to_tensor(array):
+    """An 8-bit RGB array (H, W, 3) -> float (3, H, W) in [-1, 1]."""
+    import torch
+
+    return from_uint8(torch.tensor(array).permute(2, 0, 1))  # a copy: PIL arrays are read-only
+
+
+def png_bytes(image) -> bytes:
+    """One image (3, H, W) in [-1, 1] -> PNG bytes, rounded to 8 bits."""
+    array = to_uint8(image).cpu().permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def load_image(path, device="cpu"):
+    """An image file -> (3, H, W) float in [-1, 1]. Unreadable files raise `ImageSkip` naming the file."""
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated, empty, not an image
+        skip = _decode_error(exc)
+        raise ImageSkip(skip.category, f"{path}: {skip.detail}") from exc
+    return array_to_tensor(array).to(device)
+
+
+def save_image_grid(images, path, per_row: int) -> None:
+    """Images (N, 3, H, W) in [-1, 1] as one PNG, `per_row` to a row (a partial last row is kept,
+    padded with black), written atomically. Layout by `torchvision.utils.make_grid`, without gaps."""
+    from torchvision.utils import make_grid
+
+    from brics_cli.core.files import atomic_write_bytes
+
+    grid = make_grid(images.detach().float().cpu(), nrow=max(1, per_row), padding=0, pad_value=-1.0)  # (3, rows*H, per_row*W)
+    atomic_write_bytes(path, png_bytes(grid))

@@ -2,7 +2,7 @@
 
 - Samples: a folder written by `brics sample` -- PNGs plus `manifest.json` with at least
   {"run", "checkpoint_sha256", "sampler", "steps", "seed", "count", "files"}. Without `--samples`,
-  the newest such manifest (by modification time) under `./runs/` (at most 4 levels deep) is used.
+  the newest such manifest under `./runs/` is used (`brics_cli.runs.newest_samples`).
 - Reference: `--ref` is a shard folder (has a `brics shard` manifest.json) or a plain image folder.
   Without it, the training data recorded for the samples: the manifest's "data" (a shard folder),
   else `data.shards` of the run's `config.yaml` (the "run" folder, then its parent).
@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from brics_cli.core.files import sha256_bytes
+from brics_cli.core.images import IMAGE_SUFFIXES
 from brics_cli.errors import BricsError, ConfigError
+from brics_cli.runs import SAMPLE_KEYS, is_sample_manifest
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-SAMPLE_KEYS = ("run", "checkpoint_sha256", "sampler", "steps", "seed", "count", "files")
-SEARCH_DEPTH = 4
 
 
 @dataclass
@@ -65,33 +65,6 @@ def fingerprint_files(files: Sequence[Path]) -> str:
         st = p.stat()
         h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def is_sample_manifest(obj) -> bool:
-    return isinstance(obj, dict) and all(k in obj for k in SAMPLE_KEYS)
-
-
-def _find(root: Path, name: str) -> list[Path]:
-    """`root/name`, `root/*/name`, ... down to SEARCH_DEPTH levels below root."""
-    return [p for depth in range(SEARCH_DEPTH + 1) for p in root.glob("/".join(["*"] * depth + [name]))]
-
-
-def newest_samples(root: Path = Path("runs")) -> Path:
-    """The folder of the newest `brics sample` manifest under `root` (depth <= 4)."""
-    found = []
-    for manifest in _find(root, "manifest.json"):
-        try:
-            if is_sample_manifest(json.loads(manifest.read_text())):
-                found.append(manifest)
-        except (OSError, ValueError):
-            continue
-    if not found:
-        raise ConfigError(f"no `brics sample` output under {root}/ (a manifest.json with {', '.join(SAMPLE_KEYS)}); pass --samples DIR")
-    return max(found, key=lambda p: p.stat().st_mtime_ns).parent
 
 
 def load_samples(folder: Path, n: int | None = None, strict: bool = True) -> ImageSet:
@@ -200,14 +173,6 @@ def export_shards(shards: Path, split: str, progress: Callable[[int, int], None]
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return ImageSet([target / f for f in files], target, manifest_sha, "shards", manifest_sha, str(shards.resolve()), split)
-
-
-def newest_reconstruction(root: Path = Path(".")) -> Path:
-    """The newest folder holding inputs/ and recon/: ./recon itself or below it, or below ./runs (depth <= 4)."""
-    found = [p.parent for base in (root / "recon", root / "runs") for p in _find(base, "inputs") if (p.parent / "recon").is_dir()]
-    if not found:
-        raise ConfigError("no `brics reconstruct` output found (a folder with inputs/ and recon/ under ./recon or ./runs); pass --samples DIR")
-    return max(found, key=lambda p: (p / "recon").stat().st_mtime_ns)
 
 
 def reconstruction_pairs(folder: Path) -> list[tuple[Path, Path]]:

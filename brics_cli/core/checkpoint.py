@@ -13,6 +13,7 @@ the middle leaves at most a `.tmp` file that the next save or load ignores and r
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -20,48 +21,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from brics_cli.core.files import fsync_dir, remove_stale_temporaries, temporary_name
 from brics_cli.errors import BricsError
 
 STEP_FILE = re.compile(r"^step-(\d{6,})\.safetensors$")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is either the old or the new content, never partial."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     """Save tensors + a JSON document (metadata key `brics`) atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_name(path)
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_file(contiguous, str(tmp), metadata={"brics": json.dumps(metadata)})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        save_file(contiguous, str(tmp), metadata={"brics": json.dumps(metadata)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except SafetensorError as exc:  # safetensors' own I/O error names no file: say which, as OSError does
+        tmp.unlink(missing_ok=True)
+        raise OSError(errno.ENOSPC if "space" in str(exc).lower() else errno.EIO, str(exc), str(path)) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -106,8 +91,7 @@ class CheckpointDir:
         return self.path(steps[-1]) if steps else None
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-        for stale in self.folder.glob(".step-*.tmp*") if self.folder.is_dir() else []:
-            stale.unlink(missing_ok=True)  # left by a process killed mid-write
+        remove_stale_temporaries(self.folder, ".step-*.tmp*")  # left by a process killed mid-write
         path = self.path(step)
         save_tensors_atomic(path, tensors, metadata)
         for old in self.steps()[: -self.keep] if self.keep > 0 else []:

@@ -1,8 +1,8 @@
-"""Pieces of the shared training loop (brics_cli/train/loop.py) tested on their own."""
+"""Pieces of the shared training loop (brics_cli/train/metrics_log.py) tested on their own."""
 
 from __future__ import annotations
 
-from brics_cli.train.loop import Throughput
+from brics_cli.train.metrics_log import Throughput
 
 
 def test_throughput_counts_what_each_window_processed() -> None:

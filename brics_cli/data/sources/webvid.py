@@ -1,4 +1,4 @@
-"""Webvid-Frames200k for `brics shard webvid` (paper, Suppl. L): frames of WebVid-10M clips.
+"""`brics shard webvid CSV --videos DIR`: Webvid-Frames200k (paper, Suppl. L): frames of WebVid-10M clips.
 
 "We randomly cropped 200k of images from random video clips ... in the training split as our training
 dataset and 5k images from the validation split as our test dataset." Here: N draws, uniformly with
@@ -22,11 +22,11 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
-from brics_cli.data.images import ImageSkip, crop_resize, random_crop_box
+from brics_cli.core.images import ImageSkip, crop_resize, random_crop_box
 from brics_cli.data.shards import ShardOptions
-from brics_cli.data.sources import _sample
+from brics_cli.data.sources.base import Plan, Source, argument, option, sample_files
 from brics_cli.errors import ConfigError
 from brics_cli.registry import SOURCES
 
@@ -87,7 +87,6 @@ def draw_frames(csv_path: Path, videos: Path, n: int, rng: random.Random) -> tup
     return items, rows
 
 
-@SOURCES.register("webvid")
 def plan_webvid(
     csv_path: Path, videos: Path, frames: int, seed: int, val_csv: Path | None = None, val_frames: int = 5000
 ) -> tuple[dict[str, list[FrameItem]], dict[str, int]]:
@@ -198,4 +197,44 @@ def process_frame(item: FrameItem, options: ShardOptions, rng: random.Random) ->
         "crop_box": list(box),
         "filter": options.resize_filter,
     }
-    return _sample(out, options, meta)
+    return sample_files(out, options, meta)
+
+
+@dataclass
+class WebvidOptions:
+    csv_path: Path = argument(help="WebVid training CSV (e.g. results_2M_train.csv); columns read by name.")
+    videos: Path = option(help="Folder holding <page_dir>/<videoid>.mp4.", before="out")
+    frames: int = option(200000, help="Training frames, each from a clip drawn with replacement.", before="resolution")
+    val_csv: Optional[Path] = option(None, help="WebVid validation CSV; its frames form the val split.", before="resolution")
+    val_frames: int = option(5000, help="Frames drawn from --val-csv.", before="resolution")
+
+
+@SOURCES.register("webvid")
+class WebvidSource(Source):
+    help = (
+        "WebVid-10M clips -> Webvid-Frames200k (Suppl. L): each sample a random frame of a random clip, randomly "
+        "cropped square. Missing, zero-byte placeholder and undecodable videos are skipped and counted."
+    )
+    Options = WebvidOptions
+    helps = {
+        "resolution": "Output side in pixels (random square crop of the short side, then resize).",
+        "small": "Videos whose short side is below --resolution: skip | upscale.",
+    }
+    process = staticmethod(process_frame)
+
+    def plan(self, opts: WebvidOptions, options: ShardOptions) -> Plan:
+        if not opts.videos.is_dir():
+            raise ConfigError(f"--videos folder not found: {opts.videos}")
+        if opts.frames < 1 or opts.val_frames < 0:
+            raise ConfigError("--frames must be >= 1 and --val-frames >= 0")
+        n_val = opts.val_frames if opts.val_csv is not None else 0
+        splits, rows = plan_webvid(opts.csv_path, opts.videos, opts.frames, options.seed, opts.val_csv, n_val)
+        source = {
+            "type": "webvid",
+            "csv": str(opts.csv_path.resolve()),
+            "val_csv": str(opts.val_csv.resolve()) if opts.val_csv is not None else None,
+            "videos": str(opts.videos.resolve()),
+            "rows": rows,
+            "frames_planned": {split: len(items) for split, items in splits.items()},
+        }
+        return Plan(splits, source, {"frames": opts.frames, "val_frames": n_val})

@@ -23,24 +23,22 @@ import numpy as np
 import torch
 
 from brics_cli import __version__
+from brics_cli.core.files import atomic_write_bytes, atomic_write_json, sha256_file
+from brics_cli.core.images import ImageSkip, array_to_tensor, center_crop_box, crop_resize, decode_rgb, is_image_file, png_bytes, save_image_grid
+from brics_cli.core.progress import Progress
+from brics_cli.core.runtime import Runtime, resolve_device, setup_runtime
 from brics_cli.data.config import DataConfig
-from brics_cli.errors import BricsError
+from brics_cli.errors import BricsError, ConfigError
+from brics_cli.eval.recon_metrics import ReconstructionMeter
+from brics_cli.models.autoencoder import BRICSAutoencoder
 from brics_cli.models.keycode import key_queries, tile_key_codes
-from brics_cli.data.shards import sha256_file
-from brics_cli.train.checkpoint import atomic_write_bytes, atomic_write_json
-from brics_cli.train.loop import png_bytes, save_image_grid
-from brics_cli.train.runtime import Runtime
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+from brics_cli.nets.perceptual import try_load_lpips
+from brics_cli.runs import checkpoint_to_read
 
 
 def folder_images(folder: Path, resolution: int, skipped: dict[str, int]) -> Iterator[tuple[torch.Tensor, str]]:
     """Images of a folder, centre-cropped and resized to the model's resolution; unreadable files are counted."""
-    from brics_cli.data.images import ImageSkip, center_crop_box, crop_resize, decode_rgb
-
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p)):
         try:
             img, _ = decode_rgb(path.read_bytes())
             img = crop_resize(img, center_crop_box(*img.size), resolution, small="upscale")
@@ -48,8 +46,7 @@ def folder_images(folder: Path, resolution: int, skipped: dict[str, int]) -> Ite
             category = getattr(exc, "category", "unreadable")
             skipped[category] = skipped.get(category, 0) + 1
             continue
-        array = np.asarray(img, dtype=np.float32)
-        yield torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0, path.relative_to(folder).as_posix()
+        yield array_to_tensor(np.asarray(img)), path.relative_to(folder).as_posix()
 
 
 def shard_images(shards: Path, resolution: int, split: str | None) -> tuple[Iterator[tuple[torch.Tensor, str]], str, Any]:
@@ -94,6 +91,18 @@ def usage_figure(counts: torch.Tensor, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+BLOCK = 4  # rows per model call, whatever --batch is
+
+
+def in_fixed_blocks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: int = BLOCK) -> torch.Tensor:
+    """fn over x in blocks of exactly `rows` (the last zero-padded): convolution kernels are chosen by
+    the batch size and round differently, so this keeps every image independent of --batch."""
+    pad = (-x.shape[0]) % rows
+    if pad:
+        x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+    return torch.cat([fn(x[i:i + rows]) for i in range(0, x.shape[0], rows)])[: x.shape[0] - pad]
+
+
 @torch.no_grad()
 def reconstruct(
     model,
@@ -117,7 +126,8 @@ def reconstruct(
     per-image metrics, grid images and usage counts are gathered, so every rank returns the metrics
     of all images, and rank 0 alone writes metrics.json, manifest.json, grid.png and usage.png.
     """
-    from brics_cli.eval.recon import ReconstructionMeter, try_load_lpips
+    from brics_cli.nets.perceptual import try_load_lpips
+    from brics_cli.eval.recon_metrics import ReconstructionMeter
 
     rank, world = (rt.rank, rt.world_size) if rt is not None else (0, 1)
 
@@ -142,8 +152,8 @@ def reconstruct(
     def flush(xs: list[torch.Tensor], indices: list[int]) -> None:
         nonlocal counts
         x = torch.stack(xs).to(device)
-        z, _ = model.encode(x)
-        recon = model.decode(z).float().clamp(-1, 1)
+        z = in_fixed_blocks(lambda block: model.encode(block)[0], x)
+        recon = in_fixed_blocks(model.decode, z).float().clamp(-1, 1)
         meter.update(x, recon)
         if usage:
             cfg = model.cfg
@@ -190,7 +200,7 @@ def reconstruct(
     if rank != 0:
         return result
     shown.sort(key=lambda item: item[0])
-    save_image_grid([torch.stack([a for _, a, _ in shown]), torch.stack([b for _, _, b in shown])], out / "grid.png")
+    save_image_grid(torch.stack([a for _, a, _ in shown] + [b for _, _, b in shown]), out / "grid.png", per_row=len(shown))
     atomic_write_json(out / "metrics.json", result)
     atomic_write_json(out / "manifest.json", {
         "command": "reconstruct",
@@ -220,3 +230,24 @@ def _gather_over_ranks(meter, mine: list[int], shown: list, counts: torch.Tensor
     shown[:] = [item for part in parts for item in part[2]]
     summed = [part[3] for part in parts if part[3] is not None]
     return (torch.stack(summed).sum(0) if summed else None), [len(part[0]) for part in parts]
+
+
+def reconstruct_run(input: Path, out: Path, run: Path | None, checkpoint: Path | None, *, n: int | None, batch: int,
+                    split: str | None, usage: bool, ema: bool, device: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """`brics reconstruct`: find the checkpoint (the newest ae run under runs/ by default), load it,
+    reconstruct; returns (metrics, checkpoint metadata) on rank 0, None on the others."""
+    if run is not None and checkpoint is not None:
+        raise ConfigError("give --run or --ckpt, not both")
+    resolve_device(device)  # a usage error before anything is looked up
+    if checkpoint is None:
+        checkpoint = checkpoint_to_read(run, "ae", "pass --run DIR or --ckpt FILE")
+    rt = setup_runtime(device)
+    try:
+        model = BRICSAutoencoder.from_checkpoint(checkpoint, ema=ema, device=rt.device)
+        with Progress(rt.is_main, transient=True) as progress:
+            task = progress.task("reconstruct", None if n is None else len(range(rt.rank, n, rt.world_size)))
+            result = reconstruct(model, checkpoint, input, out, n=n, batch=batch, split=split, usage=usage,
+                                 device=rt.device, progress=task.advance, rt=rt)
+    finally:
+        rt.shutdown()
+    return (result, model.checkpoint_meta) if rt.is_main else None

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from brics_cli.data.shards import sha256_file
+from brics_cli.core.files import sha256_file
 from brics_cli.errors import BricsError
 
 ALLOW_UNVERIFIED_ENV = "BRICS_ALLOW_UNVERIFIED_WEIGHTS"

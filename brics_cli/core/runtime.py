@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from brics_cli.errors import BricsError, ConfigError
+from brics_cli.errors import ConfigError
 
 
 @dataclass
@@ -81,15 +81,19 @@ class Runtime:
 
 
 def resolve_device(choice: str) -> torch.device:
+    """The one `--device` parser: auto (CUDA when visible, else CPU), cpu, cuda or cuda:N.
+
+    Every wrong value -- a misspelling, or CUDA on a machine without it -- is a usage error (exit 2).
+    """
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda":
-        if not torch.cuda.is_available():
-            raise BricsError("--device cuda: no CUDA device is visible to torch here; use --device cpu")
-        return torch.device("cuda")
     if choice == "cpu":
         return torch.device("cpu")
-    raise ConfigError(f"--device must be cpu, cuda or auto, got {choice!r}")
+    if choice == "cuda" or (choice.startswith("cuda:") and choice[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {choice}: no CUDA device is visible to torch here; use --device cpu")
+        return torch.device(choice)
+    raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {choice!r}")
 
 
 def setup_runtime(device: str = "auto") -> Runtime:
@@ -98,7 +102,7 @@ def setup_runtime(device: str = "auto") -> Runtime:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)
-    if dev.type == "cuda":
+    if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():

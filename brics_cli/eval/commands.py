@@ -1,0 +1,114 @@
+"""What `brics eval` and `brics nn-search` run: pick the inputs (saying which), check every weight
+file before any work, measure, and write the result next to the samples."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from brics_cli.core.files import atomic_write_json
+from brics_cli.core.progress import Progress
+from brics_cli.core.runtime import resolve_device
+from brics_cli.errors import ConfigError
+from brics_cli.eval.image_sets import load_reference, load_samples, recorded_reference
+from brics_cli.nets import weights
+from brics_cli.runs import newest_reconstruction, newest_samples
+
+METRICS = ("fid", "clip-fid", "is", "kid", "prc", "all", "recon")
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def run_eval(metric: str, samples: Path | None, ref: str | None, *, split: str, n: int | None, n_ref: int | None, batch: int,
+             workers: int, device: str, runs: Path, lpips_net: str) -> tuple[dict[str, Any], Path]:
+    """`brics eval METRIC`: the result (with its protocol) and the file it was written to, DIR/eval-METRIC.json."""
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
+    if batch < 1 or (n is not None and n < 1) or (n_ref is not None and n_ref < 1):
+        raise ConfigError("--batch, --n and --n-ref must be >= 1")
+    resolve_device(device)  # a usage error before anything is looked up
+    if metric == "recon":
+        result, folder = _recon(samples, lpips_net, batch, device)
+    else:
+        result, folder = _generative(metric, samples, ref, split, n, n_ref, batch, workers, device, runs)
+    out = folder / f"eval-{metric}.json"
+    atomic_write_json(out, result)
+    return result, out
+
+
+def _pick_samples(samples: Path | None, runs: Path, n: int | None, strict: bool = True):
+    folder = samples if samples is not None else newest_samples(runs)
+    sample_set = load_samples(folder, n, strict)
+    if samples is None:
+        say(f"samples: {folder} (newest `brics sample` output under {runs}/)")
+    return folder, sample_set
+
+
+def _generative(metric, samples, ref, split, n, n_ref, batch, workers, device, runs):
+    from brics_cli.eval.generative import evaluate, expand, required_weights
+
+    names = expand(metric)
+    folder, sample_set = _pick_samples(samples, runs, n)
+    weights.require_all(required_weights(names))  # stop before any work when a file is missing
+    recorded = recorded_reference(sample_set)
+    needs_reference = names != ["is"]
+    if needs_reference and ref is None and recorded is None:
+        raise ConfigError(f"no training data recorded for {folder} (manifest 'data' or the run's config.yaml data.shards); pass --ref SHARDS")
+    ref_path = ref if ref is not None else recorded
+    is_recorded = recorded is not None and Path(ref_path).resolve() == Path(recorded).resolve()
+    dev = resolve_device(device)
+    with Progress(transient=True) as progress:
+        reference = None
+        if needs_reference:
+            reference = load_reference(ref_path, split, n_ref, progress.lazy("export reference"))
+            picked = "" if ref is not None else " (training data recorded for the samples)"
+            say(f"reference: {reference.describe()}{picked}")
+        result = evaluate(names, sample_set, reference, device=dev, batch_size=batch, workers=workers,
+                          reference_is_recorded=is_recorded, progress=progress.stage)
+    for departure in result["protocol"]["departures"]:
+        say(f"warning: protocol differs from the paper's: {departure}")
+    return result, folder
+
+
+def _recon(samples, lpips_net, batch, device):
+    from brics_cli.eval.recon_metrics import evaluate_folder
+
+    if lpips_net not in ("alex", "vgg", "none"):
+        raise ConfigError(f"--lpips-net must be alex, vgg or none, got '{lpips_net}'")
+    folder = samples if samples is not None else newest_reconstruction()
+    if samples is None:
+        say(f"reconstructions: {folder} (newest folder with inputs/ and recon/)")
+    weights.require_all([] if lpips_net == "none" else weights.LPIPS_WEIGHTS[lpips_net])  # before any work
+    with Progress(transient=True) as progress:
+        return evaluate_folder(folder, lpips_net, resolve_device(device), batch, progress=progress.stage), folder
+
+
+def run_nn_search(samples: Path | None, ref: str | None, *, split: str, k: int, queries: int, metric: str, candidates: int,
+                  exact: bool, grid_rows: int, out: Path | None, batch: int, device: str, runs: Path) -> tuple[dict[str, Any], Path]:
+    """`brics nn-search`: the report (also written to OUT/nn.json, with OUT/nn-grid.png) and OUT."""
+    from brics_cli.eval.nn_search import find_neighbours
+
+    if metric not in ("lpips", "l2"):
+        raise ConfigError(f"--metric must be lpips or l2, got '{metric}'")
+    if k < 1 or candidates < 1 or batch < 1 or queries < 1:
+        raise ConfigError("--k, --candidates, --batch and --queries must be >= 1")
+    resolve_device(device)
+    folder, sample_set = _pick_samples(samples, runs, queries, strict=False)
+    weights.require_all(weights.LPIPS_WEIGHTS["alex"] if metric == "lpips" else ())  # before any work
+    recorded = recorded_reference(sample_set)
+    if ref is None and recorded is None:
+        raise ConfigError(f"no training data recorded for {folder}; pass --ref SHARDS")
+    dev = resolve_device(device)
+    with Progress(transient=True) as progress:
+        reference = load_reference(ref or recorded, split, None, progress.lazy("export reference"))
+        say(f"reference: {reference.describe()}")
+        report, sheet = find_neighbours(sample_set, reference, metric, k=k, candidates=candidates, exact=exact, batch=batch,
+                                        device=dev, grid_rows=grid_rows, progress=progress.stage)
+    out = out or folder
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "nn.json", report)
+    sheet.save(out / "nn-grid.png")
+    return report, out

@@ -1,0 +1,1 @@
+"""Inference with trained models: reconstruct images through the autoencoder, sample new ones."""

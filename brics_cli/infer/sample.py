@@ -1,0 +1,163 @@
+"""`brics sample`: indices -> key codes (a SAMPLERS entry) -> the AE's decoder -> PNG files.
+
+Image i depends only on (checkpoint, sampler settings, seed, i): every random number of sample i
+comes from its own generator (`sample_generator(seed, i)`), the UNet has no batch statistics, it
+always runs on blocks of exactly `chunk` rows (zero-padded; BLAS kernels picked by the row count
+round differently, the row's position within a block does not matter -- measured), and each image
+is decoded on its own. So the batch size, the number of ranks (torchrun splits the indices
+i = rank mod world) and interruptions do not change any image (on one device type). Each PNG is
+written atomically; a rerun writes only the missing indices.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from brics_cli.core.files import atomic_write_bytes, atomic_write_json, sha256_file
+from brics_cli.core.images import load_image, png_bytes, save_image_grid
+from brics_cli.core.progress import Progress
+from brics_cli.core.runtime import resolve_device, setup_runtime
+from brics_cli.diffusion.loss import x0_to_codes
+from brics_cli.diffusion.model import DiffusionModel
+from brics_cli.diffusion.samplers import sample_generators
+from brics_cli.errors import BricsError, ConfigError
+from brics_cli.models.autoencoder import BRICSAutoencoder
+from brics_cli.registry import SAMPLERS
+from brics_cli.runs import checkpoint_to_read, run_of_checkpoint
+
+
+def file_name(index: int) -> str:
+    return f"{index:06d}.png"
+
+
+def fixed_blocks(model, chunk: int):
+    """`model(x, logsnr)` evaluated on blocks of exactly `chunk` rows, so row i's arithmetic never depends on B."""
+
+    def run(x: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        pad = (-B) % chunk
+        if pad:  # padding rows share the batch's noise level: one distinct level, as in the real rows
+            x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+            logsnr = torch.cat([logsnr, logsnr[:1].expand(pad)])
+        return torch.cat([model(x[i:i + chunk], logsnr[i:i + chunk]) for i in range(0, B + pad, chunk)])[:B]
+
+    return run
+
+
+def missing_indices(out: Path, n: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    return [i for i in range(rank, n, world_size) if not (out / file_name(i)).is_file()]
+
+
+@torch.no_grad()
+def generate(
+    unet,
+    schedule,
+    ae,
+    code_shape: tuple[int, int, int],
+    out: Path,
+    indices: list[int],
+    *,
+    sampler: str,
+    steps: int,
+    eta: float,
+    seed: int,
+    batch: int,
+    chunk: int = 8,
+    clip_x0: bool = True,
+    device: torch.device = torch.device("cpu"),
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Write out/NNNNNN.png for every index; returns the number written."""
+    sample = SAMPLERS.get(sampler)
+    model = fixed_blocks(unet, chunk)
+    written = 0
+    for start in range(0, len(indices), batch):
+        chunk = indices[start:start + batch]
+        x0 = sample(model, schedule, code_shape, steps=steps, generators=sample_generators(seed, chunk), eta=eta,
+                    clip_x0=clip_x0, device=device)
+        codes = x0_to_codes(x0)
+        for k, i in enumerate(chunk):
+            # One image per decode: the decoder's style matmuls are not bitwise batch-invariant on
+            # every BLAS, and decoding is ~1/steps of the sampling cost anyway.
+            image = ae.decode(codes[k:k + 1])[0].clamp(-1, 1)
+            atomic_write_bytes(out / file_name(i), png_bytes(image))
+        written += len(chunk)
+        if progress is not None:
+            progress(len(chunk))
+    return written
+
+
+def resolve_sample_settings(meta: dict[str, Any], sampler: str | None, steps: int | None, eta: float | None) -> dict[str, Any]:
+    """The sampler, steps and eta to use: the flags, else the recipe's `diffusion.sample`."""
+    s = meta["config"]["diffusion"]["sample"]
+    sampler = sampler or s["sampler"]
+    SAMPLERS.get(sampler)  # unknown name: one line with the choices
+    eta = s["eta"] if eta is None and sampler == "ddim" else (eta or 0.0)
+    return {"sampler": sampler, "steps": steps or s["steps"], "eta": eta, "clip_x0": s["clip_x0"]}
+
+
+def sample_run(run: Path | None, n: int, out: Path, *, batch: int, chunk: int, sampler: str | None, steps: int | None,
+               eta: float | None, seed: int, ema: bool, device: str) -> dict[str, Any] | None:
+    """Write images 0 .. n-1 of a diffusion run (the newest under runs/ by default) into `out`,
+    then manifest.json and grid.png; returns the manifest on rank 0 (None on the others)."""
+    if n < 1 or batch < 1 or chunk < 1:
+        raise ConfigError("--n, --batch and --chunk must be >= 1")
+    resolve_device(device)  # a usage error before anything is looked up
+    path = checkpoint_to_read(run, "diffusion", "pass --run DIR")
+    rt = setup_runtime(device)
+    try:
+        model = DiffusionModel.from_checkpoint(path, ema=ema, device=rt.device)
+        settings = resolve_sample_settings(model.meta, sampler, steps, eta)
+        ae_ckpt = Path(model.meta["ae_checkpoint"])
+        if not ae_ckpt.is_file():
+            raise BricsError(f"{path}: its autoencoder checkpoint {ae_ckpt} is gone; sampling needs it to decode")
+        ae = BRICSAutoencoder.from_checkpoint(ae_ckpt, ema=True, device=rt.device)
+        out.mkdir(parents=True, exist_ok=True)
+        todo = missing_indices(out, n, rt.rank, rt.world_size)
+        existing = len(range(rt.rank, n, rt.world_size)) - len(todo)
+        if existing and rt.is_main:
+            print(f"{out}: {existing} images already there; writing the missing {len(todo)}", file=sys.stderr)
+        with Progress(rt.is_main, transient=True) as progress:
+            task = progress.task("sample", len(todo))
+            generate(model.unet, model.schedule, ae, model.code_shape, out, todo, seed=seed, batch=batch, chunk=chunk,
+                     device=rt.device, progress=task.advance, **settings)
+        rt.barrier()
+        if not rt.is_main:
+            return None
+        return write_sample_manifest(out, n, path, model.meta, settings, seed, ema)
+    finally:
+        rt.shutdown()
+
+
+def write_sample_manifest(out: Path, n: int, checkpoint: Path, meta: dict[str, Any], settings: dict[str, Any], seed: int,
+                          ema: bool) -> dict[str, Any]:
+    """manifest.json (what made the images, for `brics eval`) and grid.png (the first 64, 8 per row)."""
+    files = [file_name(i) for i in range(n)]
+    absent = [f for f in files if not (out / f).is_file()]
+    if absent:
+        raise BricsError(f"{out}: {len(absent)} images missing after sampling (e.g. {absent[0]}); rerun to complete")
+    data = meta["config"]["data"]["shards"]
+    data_manifest = Path(data) / "manifest.json"
+    manifest = {
+        "run": str(run_of_checkpoint(checkpoint)),
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": sha256_file(checkpoint),
+        "ema": ema,
+        "sampler": settings["sampler"],
+        "steps": settings["steps"],
+        "eta": settings["eta"],
+        "seed": seed,
+        "count": n,
+        "files": files,
+        "ae_checkpoint": meta["ae_checkpoint"],
+        "data": data,
+        "data_manifest_sha256": sha256_file(data_manifest) if data_manifest.is_file() else None,
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    first = torch.stack([load_image(out / f) for f in files[:64]])
+    save_image_grid(first, out / "grid.png", per_row=8)
+    return manifest

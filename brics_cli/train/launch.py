@@ -1,0 +1,113 @@
+"""The two training stages as the CLI starts them: set up the runtime, build, resume, run.
+
+`train_autoencoder` and `train_diffusion` take a loaded recipe (`brics_cli.recipe.Recipe`, which
+sits above this package) and return the plan (with `dry_run`) or the result that `brics ae-train`
+/ `brics diffusion-train` print; both write `config.yaml` and `result.json` into the run folder.
+To resume, run the same command again.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from brics_cli.config import to_dict
+from brics_cli.core.files import atomic_write_json, atomic_write_text
+from brics_cli.core.runtime import Runtime, resolve_device, setup_runtime
+
+
+def _write_config(folder: Path, cfg) -> None:
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _resume(trainer, folder: Path, announce: bool) -> None:
+    latest = trainer.checkpoints.latest()
+    if latest is None:
+        return
+    trainer.resume(latest)
+    if announce:
+        print(f"resuming {folder} from step {trainer.step} ({latest.name})", file=sys.stderr)
+
+
+def _train(trainer, folder: Path, cfg, rt: Runtime) -> dict[str, Any] | None:
+    """Resume from the newest checkpoint, record the config, train; the result on rank 0."""
+    _resume(trainer, folder, announce=rt.is_main)
+    if rt.is_main:
+        _write_config(folder, cfg)
+    result = trainer.run(show_progress=True)
+    if not rt.is_main:
+        return None
+    atomic_write_json(folder / "result.json", result)
+    return result
+
+
+def train_autoencoder(cfg, recipe: Path, run_dir: Path | None, device: str, dry_run: bool) -> dict[str, Any] | None:
+    """`brics ae-train`: the plan (dry run) or the result on rank 0; None on the other ranks."""
+    from brics_cli.train.ae import AETrainer
+    from brics_cli.train.perceptual import build_perceptual
+
+    folder = run_dir or Path(cfg.run.dir) / "ae"
+    rt = setup_runtime(device)
+    try:
+        perceptual = build_perceptual(cfg.ae.loss, rt.device)  # missing weights stop here, before any work
+        trainer = AETrainer(cfg, folder, rt, perceptual)
+        if dry_run:
+            _resume(trainer, folder, announce=False)  # the plan says where it would start
+            return {"dry_run": True, **_ae_plan(recipe, folder, cfg, rt, trainer, perceptual)}
+        return _train(trainer, folder, cfg, rt)
+    finally:
+        rt.shutdown()
+
+
+def _ae_plan(recipe, folder, cfg, rt, trainer, perceptual) -> dict[str, Any]:
+    return {
+        "recipe": str(recipe),
+        "run": str(folder),
+        "device": str(rt.device),
+        "ranks": rt.world_size,
+        "batch": cfg.ae.train.batch,
+        "micro_batch": trainer.micro,
+        "accumulation": trainer.accum,
+        "start_step": trainer.step,
+        "steps": cfg.ae.train.steps,
+        "params": sum(p.numel() for p in trainer.ae.parameters()),
+        "discriminator_params": sum(p.numel() for p in trainer.disc.parameters()),
+        "perceptual": cfg.ae.loss.perceptual_type if perceptual is not None else "none",
+        "gan": cfg.ae.loss.gan,
+    }
+
+
+def train_diffusion(cfg, recipe: Path, ae_run: Path | None, run_dir: Path | None, device: str,
+                    dry_run: bool) -> dict[str, Any] | None:
+    """`brics diffusion-train`: encode the data once (cached), then train the UNet on the codes."""
+    from brics_cli.models.autoencoder import BRICSAutoencoder
+    from brics_cli.train.diffusion import DiffusionTrainer, codes_key, encode_dataset, find_ae_checkpoint
+
+    resolve_device(device)  # a wrong --device is a usage error before anything is looked up
+    folder = run_dir or Path(cfg.run.dir) / "diffusion"
+    ae_ckpt = find_ae_checkpoint(cfg, ae_run)
+    rt = setup_runtime(device)
+    try:
+        key = codes_key(ae_ckpt, cfg.data.shards, cfg.data.flip)
+        codes_dir = Path(cfg.run.dir) / "codes" / key
+        if dry_run:
+            return {"dry_run": True, "recipe": str(recipe), "run": str(folder), "ae_checkpoint": str(ae_ckpt),
+                    "codes": str(codes_dir), "codes_cached": (codes_dir / "done.json").is_file(), "device": str(rt.device),
+                    "ranks": rt.world_size, "steps": cfg.diffusion.train.steps, "batch": cfg.diffusion.optim.batch}
+        if rt.is_main:
+            if not (codes_dir / "done.json").is_file():
+                print(f"encoding {cfg.data.shards} with {ae_ckpt} -> {codes_dir}", file=sys.stderr)
+            ae = BRICSAutoencoder.from_checkpoint(ae_ckpt, ema=True, device=rt.device)
+            codes, info = encode_dataset(ae, cfg.data, codes_dir, rt.device)
+            del ae
+        rt.barrier()
+        if not rt.is_main:
+            codes, info = encode_dataset(None, cfg.data, codes_dir, rt.device)  # written by rank 0: read back
+        trainer = DiffusionTrainer(cfg, folder, rt, ae_ckpt, codes, {**info, "dir": str(codes_dir), "key": key})
+        return _train(trainer, folder, cfg, rt)
+    finally:
+        rt.shutdown()
