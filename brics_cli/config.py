@@ -13,7 +13,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Callable, Literal, TypeVar, Union
 
 import yaml
 
@@ -21,6 +21,8 @@ from brics_cli.errors import BricsError, ConfigError
 from brics_cli.registry import closest
 
 T = TypeVar("T")
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # integer fields end up in torch / numpy int64
 
 
 class _Origins:
@@ -39,32 +41,95 @@ class _Origins:
         return self.source
 
 
-def _record_lines(node: yaml.Node, prefix: str, origins: _Origins) -> None:
-    if isinstance(node, yaml.MappingNode):
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that records the line of every key and refuses a key written twice.
+
+    Plain PyYAML keeps the last of two equal keys in a mapping, so a pasted `lr:` silently wins.
+    """
+
+    def __init__(self, text: str, origins: _Origins) -> None:
+        super().__init__(text)
+        self.origins = origins
+        self.paths: dict[int, str] = {}  # id(mapping node) -> its dotted key
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # Children are built after their parent (PyYAML constructs lazily), so paths are set first.
+        prefix = self.paths.get(id(node), "")
+        first_line: dict[str, int] = {}
         for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may repeat keys on purpose
+                continue
             path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-            origins.where[path] = f"{origins.source}:{key_node.start_mark.line + 1}"
-            _record_lines(value_node, path, origins)
+            line = key_node.start_mark.line + 1
+            if path in first_line:
+                raise ConfigError(
+                    f"{self.origins.source}:{line}: duplicate key '{path}', written at lines "
+                    f"{first_line[path]} and {line}: keep one of them"
+                )
+            first_line[path] = line
+            self.origins.where[path] = f"{self.origins.source}:{line}"
+            self.paths[id(value_node)] = path
+        return super().construct_mapping(node, deep)
 
 
-def _parse_yaml(path: Path, origins: _Origins) -> dict[str, Any]:
+def _read_text(path: Path) -> str:
+    """The recipe's text; a directory or a binary file is named as such, not 'not found' or a traceback."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.yaml"))[:5]
+        holds = f"it holds {', '.join(inside)}" if inside else "it holds no .yaml file"
+        raise ConfigError(f"{path} is a directory, not a recipe file: give the path of a .yaml recipe ({holds})")
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    not_text = f"{path} is not a text YAML recipe"
+    fix = "give the path of a UTF-8 .yaml recipe (recipes/demo.yaml is one)"
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{not_text} (byte 0x{raw[exc.start]:02x} at offset {exc.start} is not UTF-8): {fix}") from None
+    nul = raw.find(b"\0")
+    if nul >= 0:  # valid UTF-8 may hold NULs; no text recipe does
+        raise ConfigError(f"{not_text} (it holds a NUL byte at offset {nul}): {fix}")
+    return text
+
+
+def _load_yaml(text: str, origins: _Origins) -> Any:
+    """The one YAML document in `text` (None if there is none), recording where each key was written."""
+    loader = _RecipeLoader(text, origins)  # the reader refuses control characters right here
+    try:
+        node = loader.get_single_node()
+        return None if node is None else loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _yaml_error_line(exc: yaml.YAMLError, text: str) -> str:
+    """':LINE' where PyYAML says where it stopped, else ''."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        return f":{mark.line + 1}"
+    position = getattr(exc, "position", None)  # a ReaderError (a control character) has no mark
+    if position is None:
+        return ""
+    line = text.count("\n", 0, position) + 1
+    return f":{line}"
+
+
+def _parse_yaml(path: Path, origins: _Origins, sections: list[str]) -> dict[str, Any]:
+    text = _read_text(path)
+    try:
+        data = _load_yaml(text, origins)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: malformed YAML: {problem}") from exc
+        raise ConfigError(f"{path}{_yaml_error_line(exc, text)}: malformed YAML: {problem}") from exc
     if data is None:
-        return {}
+        # An empty file is more often a torn copy or the wrong path than a wish for "all defaults".
+        raise ConfigError(
+            f"recipe {path} is empty: write at least one section ({', '.join(sections)}); "
+            "recipes/demo.yaml is a complete example"
+        )
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of sections (data, run, ae, ...), got {type(data).__name__}")
-    if node is not None:
-        _record_lines(node, "", origins)
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections ({', '.join(sections)}, ...), got {type(data).__name__}")
     return data
 
 
@@ -113,6 +178,22 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _finite_float(value: Any, bad: Callable[[str], ConfigError]) -> float:
+    """A float field's value: any number or float literal, but never nan, inf or -inf."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise bad("a number")
+    try:
+        # PyYAML (YAML 1.1) reads '1e-15' as a string: accept any float literal here.
+        number = float(value)
+    except ValueError:
+        raise bad("a number") from None
+    except OverflowError:  # an int beyond 1.8e308
+        number = math.inf
+    if not math.isfinite(number):  # a nan learning rate or an inf weight poisons the run, not the config
+        raise bad("a finite number (nan, inf and -inf are refused)")
+    return number
+
+
 def _convert(value: Any, tp: Any, path: str, origins: _Origins) -> Any:
     """Check `value` against the annotation `tp` and convert it (dicts -> dataclasses)."""
     where = origins.of(path)
@@ -141,6 +222,8 @@ def _convert(value: Any, tp: Any, path: str, origins: _Origins) -> Any:
                 return _convert(value, arg, path, origins)
             except ConfigError as exc:
                 errors.append(exc)
+        if len(errors) == 1:  # `float | None` and the like: the one candidate says what is wrong
+            raise errors[0]
         raise bad()
     if origin is Literal:
         options = typing.get_args(tp)
@@ -170,23 +253,15 @@ def _convert(value: Any, tp: Any, path: str, origins: _Origins) -> Any:
             return value
         raise bad("true or false")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad("an integer")
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad("an integer")
+        if not INT64_MIN <= value <= INT64_MAX:  # torch and numpy overflow past int64, far from here
+            raise bad(f"an integer that fits in int64 ({INT64_MIN} .. {INT64_MAX})")
+        return value
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            # PyYAML (YAML 1.1) reads '1e-15' as a string: accept any float literal here.
-            try:
-                number = float(value)
-            except ValueError:
-                raise bad("a number") from None
-            if math.isfinite(number):
-                return number
-        raise bad("a number")
+        return _finite_float(value, bad)
     if tp is str:
         if isinstance(value, str):
             return value
@@ -259,7 +334,7 @@ def load_config(cls: type[T], path: str | Path, overrides: list[str] | tuple[str
     """Read YAML `path`, apply `key=value` overrides, build and validate `cls`."""
     path = Path(path)
     origins = _Origins(str(path))
-    data = _parse_yaml(path, origins)
+    data = _parse_yaml(path, origins, [f.name for f in dataclasses.fields(cls)])
     for text in overrides:
         key, value = parse_override(text)
         origin = f"override '{text}'"

@@ -385,3 +385,27 @@ def test_unet_noise_level_range_is_the_schedules_clip():
     from brics_cli.models import unet
 
     assert unet.LOGSNR_MAX == schedules.LOGSNR_MAX
+
+
+def test_unet_attention_equals_the_textbook_formula():
+    # Attention runs its 1x1 convs as matmuls so SDPA can take its fused kernel; the function must
+    # stay softmax(q k^T / sqrt(d)) v per head, with the conv weights as the projections.
+    import torch.nn.functional as F
+
+    from brics_cli.models.unet import Attention
+
+    torch.manual_seed(0)
+    att = Attention(64, heads=2, groups=32)
+    torch.nn.init.normal_(att.out.weight, std=0.05)  # zero-initialised: give the output projection weights
+    torch.nn.init.normal_(att.out.bias, std=0.05)
+    x = torch.randn(3, 64, 8, 6)
+    B, C, H, W = x.shape
+    qkv = F.conv2d(att.norm(x), att.qkv.weight, att.qkv.bias).reshape(B, 3, 2, C // 2, H * W)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (B, heads, d, HW)
+    weights = torch.softmax(q.transpose(-1, -2) @ k / (C // 2) ** 0.5, dim=-1)  # (B, heads, HW, HW)
+    h = (weights @ v.transpose(-1, -2)).transpose(-1, -2).reshape(B, C, H, W)
+    expected = x + F.conv2d(h, att.out.weight, att.out.bias)
+    torch.testing.assert_close(att(x), expected, rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    att(x).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and att.qkv.weight.grad.abs().sum() > 0

@@ -107,3 +107,25 @@ def test_sample_under_torchrun_splits_indices_and_matches_one_process(runs, tmp_
     assert len(names) == 5 and sorted(p.name for p in (tmp_path / "two").glob("0*.png")) == names
     for name in names:
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_sample_stops_cleanly_on_a_signal_to_its_group_and_a_second_writer_is_refused(runs, tmp_path):
+    args = ["sample", "--run", str(runs / "diffusion"), "--n", "12", "--sampler", "ddpm", "--steps", "60", "--batch", "4"]
+    brics(*args, "--out", tmp_path / "straight")
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "brics_cli", *args, "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("0*.png")):
+        time.sleep(0.02)
+    second = brics(*args, "--out", out, check=False)  # while the first still writes
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler preempts a job: the whole process group
+    _, err = proc.communicate(timeout=120)
+    assert second.returncode == 1 and f"pid {proc.pid} on " in second.stderr and "another folder" in second.stderr
+    assert proc.returncode == 0, err
+    assert "SIGTERM: stopped after" in err and "rerun the same command" in err
+    written = sorted(p.name for p in out.glob("0*.png"))
+    assert 4 <= len(written) < 12 and len(written) % 4 == 0 and not (out / "manifest.json").exists()
+    brics(*args, "--out", out)
+    for name in sorted(p.name for p in (tmp_path / "straight").glob("0*.png")):
+        assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name

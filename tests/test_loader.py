@@ -2,8 +2,13 @@
 
 import io
 import json
+import os
+import signal
+import subprocess
 import sys
 import tarfile
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +19,9 @@ from PIL import Image
 from brics_cli.cli import main
 from brics_cli.data.config import DataConfig
 from brics_cli.data.loader import ShardDataset, make_loader
+from brics_cli.core import checkpoint as ckpt
 from brics_cli.errors import BricsError
+from conftest import TINY_RECIPE
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +125,101 @@ def test_shard_url_pattern_and_missing_folder(demo_shards, tmp_path):
 
     with pytest.raises(ConfigError, match="manifest.json"):
         ShardDataset(DataConfig(shards=str(tmp_path), resolution=16), "train")
+
+
+# ---- issue 19: shards reshuffled per epoch, resampled streams, group signals ----------------------
+
+
+def shard_of(key: str, shard_size: int = 5) -> int:
+    return int(key) // shard_size  # `brics shard` numbers samples across shards: shard i holds 5i..5i+4
+
+
+def test_shards_are_reshuffled_every_epoch_and_ranks_still_partition_them(demo_shards):
+    cfg = DataConfig(shards=str(demo_shards), resolution=16, workers=0, shuffle=1, flip=False)  # buffer of 1: reading order
+    ranks = [ShardDataset(cfg, "train", rank=rank, world_size=2, seed=3) for rank in (0, 1)]
+    orders = []
+    for epoch in (0, 1):
+        shards, keys = [], []
+        for dataset in ranks:
+            dataset.epoch = epoch
+            shards.append(dataset.rank_shards())
+            read = [key for _, key in dataset]
+            keys.append(read)
+            assert list(dict.fromkeys(f"train-{shard_of(k):06d}.tar" for k in read)) == [Path(u).name for u in shards[-1]]
+        assert sorted(shards[0] + shards[1]) == sorted(ranks[0].urls)  # every shard once, on one rank
+        assert not set(keys[0]) & set(keys[1]) and len(keys[0] + keys[1]) == 40
+        orders.append(shards[0] + shards[1])
+    assert orders[0] != orders[1], "epoch 1 must read the shards in a new order"
+    again = ShardDataset(cfg, "train", rank=0, world_size=2, seed=3)
+    again.epoch = 1
+    assert again.rank_shards() == orders[1][: len(again.rank_shards())]  # a resumed run reads the same order
+    unshuffled = ShardDataset(DataConfig(shards=str(demo_shards), resolution=16, shuffle=0), "train", seed=3)
+    unshuffled.epoch = 1
+    assert unshuffled.rank_shards() == unshuffled.urls  # data.shuffle: 0 reads in listed order
+
+
+def test_resampled_stream_gives_each_worker_its_own_reproducible_draw(demo_shards):
+    cfg = DataConfig(shards=str(demo_shards), resolution=16, workers=2, shuffle=0, flip=False, resample=True, epoch_length=80)
+
+    def shards_drawn(rank: int = 0, epoch: int = 0) -> list[list[int]]:
+        loader, dataset = make_loader(cfg, batch_size=5, split="train", rank=rank, world_size=2, seed=5)
+        dataset.epoch = epoch
+        batches = [[shard_of(k) for k in keys] for _, keys in loader]  # a batch of 5 = one whole shard here
+        return [[b[0] for b in batches[w::2]] for w in range(2)]  # the DataLoader takes batches from workers in turn
+
+    first = shards_drawn()
+    assert [len(w) for w in first] == [4, 4]  # 80 samples / 2 ranks / 2 workers = 4 shards of 5 per worker
+    assert first[0] != first[1], "each worker draws its own shards (a resampled stream is not split by worker)"
+    assert shards_drawn() == first  # the same (seed, epoch, rank, worker) draws the same stream
+    assert shards_drawn(rank=1) != first and shards_drawn(epoch=1) != first
+
+
+GROUP_SIGNALS_SCRIPT = textwrap.dedent("""
+    import signal, sys, time
+    from brics_cli.data.config import DataConfig
+    from brics_cli.data.loader import make_loader
+
+    received = []
+    sent = int(sys.argv[2])
+    loader, _ = make_loader(DataConfig(shards=sys.argv[1], resolution=16, workers=1, shuffle=0), 1, "train")
+    for n, (images, keys) in enumerate(loader, 1):
+        if n == 1:
+            # Only the main process handles them, as a trainer would. Installed once the worker runs, so it
+            # does not inherit these handlers: what keeps it alive must be the loader's own worker_init_fn.
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, lambda signum, frame: received.append(signum))
+            print("reading", flush=True)
+            while len(received) < sent:
+                time.sleep(0.01)
+    print(n, flush=True)
+""")
+
+
+@pytest.mark.parametrize("signals", [["SIGINT"], ["SIGTERM"], ["SIGUSR1"], ["SIGINT", "SIGTERM", "SIGUSR1"]])
+def test_loader_workers_survive_sigint_sigterm_sigusr1_sent_to_the_process_group(demo_shards, signals):
+    proc = subprocess.Popen([sys.executable, "-c", GROUP_SIGNALS_SCRIPT, str(demo_shards), str(len(signals))],
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "reading\n"  # the worker is alive, mid-epoch, with batches still to make
+    for name in signals:  # what Ctrl-C, SLURM's stop and its `--signal=USR1@90` warning send
+        os.killpg(proc.pid, getattr(signal, name))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out == "40\n"  # every sample of the epoch still arrived
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_whole_group_of_a_run_with_workers_checkpoints_and_exits_0(tmp_path, tiny_shards, sig):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "brics_cli", "ae-train", str(TINY_RECIPE), f"data.shards={tiny_shards}", "data.workers=1",
+           "ae.train.steps=400", "ae.train.checkpoint_every=1000", "--run-dir", str(run), "--json"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # like `setsid brics ...`
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    os.killpg(proc.pid, sig)  # `kill -TERM -- -PGID`: the trainer and its DataLoader worker alike
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    result = json.loads(out.splitlines()[-1])
+    assert result["stopped_by"] == sig.name and 2 <= result["step"] < 400
+    assert ckpt.CheckpointDir(run / "checkpoints").steps() == [result["step"]]
+    assert "killed by signal" not in err and "rerun the same command" in err

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from brics_cli.train.metrics_log import Throughput
+import json
+
+from brics_cli.train.metrics_log import MetricsLog, Throughput
 
 
 def test_throughput_counts_what_each_window_processed() -> None:
@@ -13,3 +15,19 @@ def test_throughput_counts_what_each_window_processed() -> None:
     assert rate.read() == 16 / 4.0
     rate.add(3)  # the next window starts at the read
     assert rate.read() == 3 / 1.0
+
+
+def test_truncate_after_drops_torn_lines_with_one_warning_and_keeps_whole_records(tmp_path, capsys) -> None:
+    log = MetricsLog(tmp_path, enabled=True, tensorboard=False)
+    for step in (2, 4, 6):
+        log.write(step, {"l2": 0.5})
+    whole = (tmp_path / "metrics.jsonl").read_text()
+    record = json.dumps({"step": 8, "time": 1.0, "l2": 0.25})
+    # A torn append (no newline) with the next append glued to it, then a torn last line.
+    (tmp_path / "metrics.jsonl").write_text(whole + record[:9] + record + "\n" + record[:20])
+    log.truncate_after(4)
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+    [warning] = capsys.readouterr().err.splitlines()
+    assert warning.startswith(f"warning: {tmp_path / 'metrics.jsonl'}: dropped 2 partial") and "line 4, 5" in warning
+    log.truncate_after(4)  # a clean log: no warning
+    assert capsys.readouterr().err == ""

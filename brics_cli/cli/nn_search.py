@@ -36,7 +36,7 @@ def nn_search_command(
     s = report["search"]
     if json_output:
         emit_json({"out": str(out), "queries": len(report["queries"]),
-                   **{key: s[key] for key in ("mode", "candidates", "exact_distances", "brute_force_distances", "certified")}})
+                   **{key: s[key] for key in ("mode", "candidates", "exact_distances", "brute_force_distances", "certified", "unreadable")}})
     else:
         print(f"{len(report['queries'])} samples x {report['k']} neighbours ({metric}, {s['mode']}): {s['exact_distances']} exact "
               f"distances of {s['brute_force_distances']} for brute force; {s['certified']} certified exact; "

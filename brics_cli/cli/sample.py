@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -33,6 +34,12 @@ def sample(
     manifest = sample_run(run, n, out, batch=batch, chunk=chunk, sampler=sampler, steps=steps, eta=eta, seed=seed,
                           ema=not no_ema, device=device)
     if manifest is None:  # not rank 0
+        return
+    if "stopped_by" in manifest:
+        print(f"{manifest['stopped_by']}: stopped after {manifest['written']} new images in {out}; "
+              "rerun the same command to write the rest", file=sys.stderr)
+        if json_output:
+            emit_json(manifest)
         return
     if json_output:
         emit_json({k: v for k, v in manifest.items() if k != "files"} | {"out": str(out)})

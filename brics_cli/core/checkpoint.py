@@ -9,6 +9,10 @@ never unpickles anything: safetensors holds raw tensors and the rest is JSON.
 Writes go to a temporary file in the same folder, are fsynced, renamed over the final name and
 the folder is fsynced, so a checkpoint either exists completely or not at all -- a `kill -9` in
 the middle leaves at most a `.tmp` file that the next save or load ignores and removes.
+
+A file that cannot be used anyway -- truncated by a failing disk or a copy, not safetensors,
+brics metadata that is not JSON or lacks a field -- raises `UnusableCheckpoint`, one line naming
+the file and why, so that a resume can fall back to the previous checkpoint.
 """
 
 from __future__ import annotations
@@ -30,6 +34,17 @@ from brics_cli.errors import BricsError
 STEP_FILE = re.compile(r"^step-(\d{6,})\.safetensors$")
 
 
+def remove_stale_writes(folder: Path) -> int:
+    """Delete what writers killed mid-write left in `folder`; returns how many files.
+
+    That is brics' own `.NAME.tmpPID` (`core.files.temporary_name`) and safetensors' `.tmpXXXXXX`:
+    its Rust writer (0.5 and later) writes through a tempfile of its own in the target's folder and
+    renames it onto the name it was given, so a kill during `save_file` leaves that one behind.
+    Only for folders brics alone writes (run folders, the code cache), one writer at a time.
+    """
+    return remove_stale_temporaries(folder) + remove_stale_temporaries(folder, ".tmp??????")
+
+
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     """Save tensors + a JSON document (metadata key `brics`) atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,32 +57,79 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: 
         os.replace(tmp, path)
     except SafetensorError as exc:  # safetensors' own I/O error names no file: say which, as OSError does
         tmp.unlink(missing_ok=True)
-        raise OSError(errno.ENOSPC if "space" in str(exc).lower() else errno.EIO, str(exc), str(path)) from exc
+        code = re.search(r"os error (\d+)", str(exc))
+        raise OSError(int(code.group(1)) if code else errno.EIO, str(exc), str(path)) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
-    """The JSON document of a checkpoint, without reading its tensors."""
+class UnusableCheckpoint(BricsError):
+    """A checkpoint file brics cannot resume from: unreadable, truncated, or with malformed metadata."""
+
+
+def _expected_size(path: Path) -> int | None:
+    """The least file size a safetensors header promises (8-byte length, JSON header, data); None if unknown."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little")
+            if len(head) < 8 or length > 100_000_000:  # not a safetensors length: not a truncation
+                return None
+            text = f.read(length)
+            if len(text) < length:  # cut inside the header
+                return 8 + length
+            header = json.loads(text)
+        return 8 + length + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+
+
+def _unreadable(path: Path, exc: Exception) -> UnusableCheckpoint:
+    size = path.stat().st_size if path.is_file() else None
+    expected = _expected_size(path) if size is not None else None
+    if size == 0:
+        why = "an empty file"
+    elif size is not None and expected is not None and size < expected:
+        why = f"truncated: {size} bytes, expected at least {expected}"
+    else:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UnusableCheckpoint(f"{path}: not a readable brics checkpoint ({why})")
+
+
+def read_metadata(path: Path, require: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The JSON document of a checkpoint, without reading its tensors; `require`: keys it must have."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-    except Exception as exc:  # not a safetensors file, truncated header, ...
-        raise BricsError(f"{path}: not a readable brics checkpoint ({exc})") from exc
+    except Exception as exc:  # not a safetensors file, truncated, missing, ...
+        raise _unreadable(Path(path), exc) from exc
     if "brics" not in meta:
-        raise BricsError(f"{path}: a safetensors file without brics metadata (not written by brics)")
-    return json.loads(meta["brics"])
+        raise UnusableCheckpoint(f"{path}: a safetensors file without brics metadata (not written by brics)")
+    try:
+        document = json.loads(meta["brics"])
+    except ValueError as exc:
+        raise UnusableCheckpoint(f"{path}: its brics metadata is not valid JSON ({exc}); the file is damaged") from exc
+    if not isinstance(document, dict):
+        raise UnusableCheckpoint(f"{path}: its brics metadata is not a JSON object; the file is damaged")
+    missing = [key for key in require if key not in document]
+    if missing:
+        raise UnusableCheckpoint(f"{path}: its brics metadata lacks {', '.join(repr(k) for k in missing)}; "
+                                 "the file is damaged or was not written by this brics")
+    return document
 
 
 def load_tensors(path: Path, prefix: str = "", device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Tensors whose key starts with `prefix` (prefix stripped); only those are read from disk."""
     out = {}
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        for key in f.keys():
-            if key.startswith(prefix):
-                out[key[len(prefix):]] = f.get_tensor(key)
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                if key.startswith(prefix):
+                    out[key[len(prefix):]] = f.get_tensor(key)
+    except (SafetensorError, OSError) as exc:
+        raise _unreadable(Path(path), exc) from exc
     return out
 
 
@@ -90,8 +152,11 @@ class CheckpointDir:
         steps = self.steps()
         return self.path(steps[-1]) if steps else None
 
+    def newest_first(self) -> list[Path]:
+        return [self.path(step) for step in reversed(self.steps())]
+
     def save(self, step: int, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-        remove_stale_temporaries(self.folder, ".step-*.tmp*")  # left by a process killed mid-write
+        remove_stale_writes(self.folder)  # left by a process killed mid-write
         path = self.path(step)
         save_tensors_atomic(path, tensors, metadata)
         for old in self.steps()[: -self.keep] if self.keep > 0 else []:

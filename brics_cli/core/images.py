@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what brics reads as an image file
-CATEGORIES = ("empty", "not_image", "corrupt", "truncated", "too_large", "too_small", "unreadable", "unsafe_path", "bad_name")
+CATEGORIES = ("empty", "not_image", "corrupt", "truncated", "too_large", "too_small", "unreadable", "unsafe_path", "bad_name",
+              "not_regular", "broken_link", "link_loop")
 FILTERS = {"lanczos": Image.LANCZOS, "bicubic": Image.BICUBIC, "box": Image.BOX}
 SMALL_POLICIES = ("skip", "upscale")
 FORMAT_NAMES = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}  # extension -> PIL format

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from brics_cli.core.files import atomic_write_bytes, atomic_write_json, remove_stale_temporaries, sha256_bytes, sha256_file
+from brics_cli.core.locks import FolderLock
 from brics_cli.errors import BricsError, ConfigError
 
 STATE_DIR = ".brics-shard"
@@ -178,7 +179,14 @@ def write_shards(
     overwrite: bool = False,
     progress: Callable[[ShardResult, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Write every missing shard of the plan, then the manifest; returns the manifest."""
+    """Write every missing shard of the plan, then the manifest; returns the manifest.
+
+    `out` is locked for the whole write: a second `brics shard` on the same folder is refused."""
+    with FolderLock(out):
+        return _write_shards(out, splits, process, options, source, workers, overwrite, progress)
+
+
+def _write_shards(out, splits, process, options, source, workers, overwrite, progress) -> dict[str, Any]:
     from brics_cli import __version__
 
     fingerprint = {"source": source, "options": options.as_dict(), "counts_planned": {k: len(v) for k, v in splits.items()}}

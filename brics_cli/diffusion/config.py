@@ -66,10 +66,14 @@ class DiffusionTrainConfig:
     log_every: int = 100
     sample_every: int = 10_000  # write a grid of samples from the EMA model
     checkpoint_every: int = 10_000
+    max_bad_steps: int = 10  # bad steps in a row (non-finite loss, or weights failing the check) before a rollback
+    max_rollbacks: int = 2  # rollbacks in a row to the same checkpoint before the run stops
 
     def validate(self) -> None:
-        if min(self.steps, self.log_every, self.sample_every, self.checkpoint_every) < 1:
-            raise ValueError("diffusion.train.steps and the *_every intervals must be >= 1")
+        if min(self.steps, self.log_every, self.sample_every, self.checkpoint_every, self.max_bad_steps) < 1:
+            raise ValueError("diffusion.train.steps, max_bad_steps and the *_every intervals must be >= 1")
+        if self.max_rollbacks < 0:
+            raise ValueError(f"diffusion.train.max_rollbacks must be >= 0, got {self.max_rollbacks}")
 
 
 @dataclass

@@ -22,6 +22,12 @@ def say(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def warn_unreadable(what: str, record: dict) -> None:
+    """One warning line for images left out as unreadable (they are named in the result)."""
+    if record["count"]:
+        say(f"warning: {record['count']} unreadable {what} left out (first: {record['files'][0]})")
+
+
 def run_eval(metric: str, samples: Path | None, ref: str | None, *, split: str, n: int | None, n_ref: int | None, batch: int,
              workers: int, device: str, runs: Path, lpips_net: str) -> tuple[dict[str, Any], Path]:
     """`brics eval METRIC`: the result (with its protocol) and the file it was written to, DIR/eval-METRIC.json."""
@@ -83,7 +89,9 @@ def _recon(samples, lpips_net, batch, device):
         say(f"reconstructions: {folder} (newest folder with inputs/ and recon/)")
     weights.require_all([] if lpips_net == "none" else weights.LPIPS_WEIGHTS[lpips_net])  # before any work
     with Progress(transient=True) as progress:
-        return evaluate_folder(folder, lpips_net, resolve_device(device), batch, progress=progress.stage), folder
+        result = evaluate_folder(folder, lpips_net, resolve_device(device), batch, progress=progress.stage)
+    warn_unreadable("image pairs", result["protocol"]["unreadable"])
+    return result, folder
 
 
 def run_nn_search(samples: Path | None, ref: str | None, *, split: str, k: int, queries: int, metric: str, candidates: int,
@@ -107,6 +115,8 @@ def run_nn_search(samples: Path | None, ref: str | None, *, split: str, k: int, 
         say(f"reference: {reference.describe()}")
         report, sheet = find_neighbours(sample_set, reference, metric, k=k, candidates=candidates, exact=exact, batch=batch,
                                         device=dev, grid_rows=grid_rows, progress=progress.stage)
+    for what, record in report["search"]["unreadable"].items():
+        warn_unreadable(what if what == "samples" else "reference images", record)
     out = out or folder
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "nn.json", report)

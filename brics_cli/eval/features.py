@@ -13,7 +13,8 @@ workers) with a network applied to uint8 batches that returns named (B, D) featu
 Each loads its weight file through `weights.require_all` (never a download). Tests plug in other
 `Extractor`s (real networks with fixed random weights) through the same path. Features of a set of
 images are cached (`cached_features`), keyed by the set's fingerprint and the extractor (incl. its
-weight sha256).
+weight sha256). A file that does not decode is left out and named (`extract(..., unreadable=)`);
+the decoding runs in the DataLoader workers, so the failure is caught there, per file.
 """
 
 from __future__ import annotations
@@ -123,15 +124,29 @@ def production_extractors() -> dict[str, Extractor]:
 
 
 class ImageFiles(torch.utils.data.Dataset):
+    """(index, preprocessed image) per file, or (index, "PATH: reason") for a file that does not decode:
+    one bad file is data to count, not a crashed DataLoader worker."""
+
     def __init__(self, files: Sequence[Path], preprocess):
         self.files, self.preprocess = list(files), preprocess
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.files[i]) as img:
-            return self.preprocess(img)
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | str]:
+        try:
+            with Image.open(self.files[i]) as img:
+                rgb = img.convert("RGB")  # decodes every pixel, so a truncated file fails here
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, EOFError... for bad bytes
+            return i, f"{self.files[i]}: {type(exc).__name__}: {exc}"
+        return i, self.preprocess(rgb)
+
+
+def collate_readable(items: list[tuple[int, torch.Tensor | str]]) -> tuple[torch.Tensor | None, list[tuple[int, str]]]:
+    """A batch of `ImageFiles` items -> ((B, 3, H, W) uint8 of the decoded ones or None, [(index, reason)] of the others)."""
+    images = [x for _, x in items if not isinstance(x, str)]
+    failed = [(i, x) for i, x in items if isinstance(x, str)]
+    return (torch.stack(images) if images else None), failed
 
 
 def extract(
@@ -142,18 +157,29 @@ def extract(
     batch_size: int = 64,
     workers: int = 0,
     progress: Callable[[int], None] | None = None,
+    unreadable: dict[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run `network` (from `extractor.load`) over the files in order -> {feature name: (N, D) float32}."""
-    loader = torch.utils.data.DataLoader(ImageFiles(files, extractor.preprocess), batch_size=batch_size, num_workers=workers)
+    """Run `network` (from `extractor.load`) over the files in order -> {feature name: (N, D) float32}.
+
+    A file that does not decode is left out of the rows and recorded in `unreadable` (file name ->
+    "PATH: reason"); without that dict it is an error.
+    """
+    loader = torch.utils.data.DataLoader(ImageFiles(files, extractor.preprocess), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=collate_readable)
     out: dict[str, list[np.ndarray]] = {name: [] for name in extractor.features}
     try:
         with torch.no_grad():
-            for batch in loader:
-                feats = network(batch.to(device))
-                for name in extractor.features:
-                    out[name].append(feats[name].detach().float().cpu().numpy())
+            for batch, failed in loader:
+                for i, reason in failed:
+                    if unreadable is None:
+                        raise BricsError(f"unreadable image {reason}")
+                    unreadable[files[i].name] = reason
+                if batch is not None:
+                    feats = network(batch.to(device))
+                    for name in extractor.features:
+                        out[name].append(feats[name].detach().float().cpu().numpy())
                 if progress is not None:
-                    progress(batch.shape[0])
+                    progress(len(failed) + (0 if batch is None else batch.shape[0]))
     except RuntimeError as exc:
         if "stack expects each tensor to be equal size" in str(exc):
             raise BricsError(f"images of different sizes among {files[0].parent}: every image of a set must have one size") from exc
@@ -167,11 +193,14 @@ def cached_features(
     cache_dir: Path,
     extractor: Extractor,
     network_factory: Callable[[], Callable],
+    unreadable: dict[str, str] | None = None,
     **extract_kwargs,
 ) -> tuple[dict[str, np.ndarray], bool]:
     """Features of `files` from `cache_dir` if this set and extractor were seen before; else extracted and stored.
 
-    Returns (features, cache_hit). `network_factory` is called only on a miss.
+    Returns (features, cache_hit). `network_factory` is called only on a miss. Unreadable files are
+    recorded in `unreadable` (see `extract`); features of a set with unreadable files are not cached:
+    a cache hit could not name them.
     """
     key = hashlib.sha256(f"{fingerprint}:{len(files)}".encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"features-{extractor.cache_key()}-{key}.npz"
@@ -179,7 +208,11 @@ def cached_features(
         with np.load(path) as data:
             if all(name in data for name in extractor.features):
                 return {name: data[name] for name in extractor.features}, True
-    feats = extract(files, extractor, network_factory(), **extract_kwargs)
+    found: dict[str, str] = {}
+    feats = extract(files, extractor, network_factory(), unreadable=None if unreadable is None else found, **extract_kwargs)
+    if found:
+        unreadable.update(found)
+        return feats, False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")

@@ -4,7 +4,9 @@ Each metric needs one feature of one extractor (features.py); `all` runs each ex
 image set and derives every metric from those features (FID, KID and IS share one Inception pass).
 Reference features are cached by the reference's fingerprint (shard manifest hash or folder listing)
 and the extractor's weight sha256, so evaluating several sample sets against one dataset extracts
-the reference once. The result carries its protocol: what was compared, how many, which weights
+the reference once. Unreadable files are left out and named ("unreadable" in the protocol); past
+`MAX_UNREADABLE` of a set no metric is reported (the generated images are checked before the
+reference is read). The result carries its protocol: what was compared, how many, which weights
 (sha256), libraries, device, and every departure from the paper's protocol (Sec. 4, Suppl. F:
 50k generated images against the training set).
 """
@@ -20,7 +22,7 @@ from brics_cli.errors import ConfigError
 from brics_cli.eval import metrics as M
 from brics_cli.nets import weights
 from brics_cli.eval.features import Extractor, cached_features, production_extractors
-from brics_cli.eval.image_sets import ImageSet, cache_root
+from brics_cli.eval.image_sets import ImageSet, cache_root, unreadable_report
 
 GENERATIVE_METRICS = ("fid", "clip-fid", "is", "kid", "prc")
 NEEDS = {  # metric -> (extractor, feature)
@@ -61,11 +63,12 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
-def _features(image_set: ImageSet, extractor: Extractor, device, batch_size, workers, progress: ProgressFactory | None, label: str):
+def _features(image_set: ImageSet, extractor: Extractor, device, batch_size, workers, progress: ProgressFactory | None, label: str,
+              unreadable: dict[str, str]):
     advance = progress(label, len(image_set.files)) if progress else None
     feats, cache_hit = cached_features(
         image_set.files, image_set.fingerprint, cache_root() / "features", extractor, lambda: extractor.load(device),
-        device=device, batch_size=batch_size, workers=workers, progress=advance,
+        unreadable, device=device, batch_size=batch_size, workers=workers, progress=advance,
     )
     if cache_hit and advance is not None:
         advance(len(image_set.files))
@@ -96,11 +99,17 @@ def evaluate(
             if len(image_set.files) < MIN_IMAGES[metric]:
                 raise ConfigError(f"{metric} needs at least {MIN_IMAGES[metric]} {label} images, got {len(image_set.files)}")
     gen, ref = {}, {}
+    found: dict[str, dict[str, str]] = {"generated": {}, "reference": {}}  # file name -> "PATH: reason"
     for name in sorted(needed):
-        ex = extractors[name]
-        gen[name] = _features(samples, ex, device, batch_size, workers, progress, f"{name} samples")
-        if needs_reference and any(NEEDS[m][0] == name and m != "is" for m in metric_names):
-            ref[name] = _features(reference, ex, device, batch_size, workers, progress, f"{name} reference")
+        gen[name] = _features(samples, extractors[name], device, batch_size, workers, progress, f"{name} samples", found["generated"])
+    unreadable = {"generated": unreadable_report("generated images", len(samples.files), found["generated"], samples.repair_hint())}
+    if needs_reference:
+        for name in sorted(needed):
+            if any(NEEDS[m][0] == name and m != "is" for m in metric_names):
+                ref[name] = _features(reference, extractors[name], device, batch_size, workers, progress, f"{name} reference",
+                                      found["reference"])
+        unreadable["reference"] = unreadable_report("reference images", len(reference.files), found["reference"],
+                                                    reference.repair_hint())
 
     result: dict = {}
     kid_size = None
@@ -118,17 +127,21 @@ def evaluate(
         elif metric == "prc":
             p, r = M.precision_recall(torch.from_numpy(g).to(device), torch.from_numpy(ref[ex_name][feature]).to(device))
             result.update(precision=p, recall=r, f1=M.f1_score(p, r))
-    result["protocol"] = protocol(metric_names, samples, reference if needs_reference else None, extractors, device, kid_size, reference_is_recorded)
+    result["protocol"] = protocol(metric_names, samples, reference if needs_reference else None, extractors, device, kid_size,
+                                  reference_is_recorded, unreadable)
     return result
 
 
-def protocol(metric_names, samples: ImageSet, reference: ImageSet | None, extractors, device, kid_size, reference_is_recorded) -> dict:
+def protocol(metric_names, samples: ImageSet, reference: ImageSet | None, extractors, device, kid_size, reference_is_recorded,
+             unreadable: dict[str, dict]) -> dict:
+    """`unreadable`: {"generated": {"count", "files"}, "reference": ... (when compared)}; n_* count the images measured."""
     used = sorted({NEEDS[m][0] for m in metric_names})
     manifest = samples.manifest or {}
     proto = {
         "metrics": metric_names,
-        "n_generated": len(samples.files),
-        "n_reference": len(reference.files) if reference else None,
+        "n_generated": len(samples.files) - unreadable["generated"]["count"],
+        "n_reference": len(reference.files) - unreadable["reference"]["count"] if reference else None,
+        "unreadable": unreadable,
         "samples": {
             "path": str(samples.path), "manifest_sha256": samples.manifest_sha256,
             "run": manifest.get("run"), "checkpoint_sha256": manifest.get("checkpoint_sha256"),
@@ -168,6 +181,9 @@ def departures(proto: dict) -> list[str]:
     kid = proto.get("kid")
     if kid and kid["subset_size"] < M.KID_SUBSET_SIZE:
         out.append(f"KID subsets of {kid['subset_size']} images (torch-fidelity's default is {M.KID_SUBSET_SIZE})")
+    for label, record in proto["unreadable"].items():
+        if record["count"]:
+            out.append(f"{record['count']} unreadable {label} images left out (first: {record['files'][0]})")
     unverified = [w["file"] for w in proto["weights"] if w.get("verified") is False]
     if unverified:
         out.append(f"weight files that are not the published ones: {', '.join(unverified)}")

@@ -9,9 +9,12 @@
 - A shard folder is exported once, as the images stored in its tars (no re-encoding), into a cache
   folder the metric libraries can read: `$BRICS_CACHE_DIR` (default `~/.cache/brics`)
   `/reference/<sha256 of manifest.json, 16 hex>-<split>/`; it is reused while the shard manifest's
-  hash is unchanged.
+  hash is unchanged and every exported file keeps the size it was written with.
 - Reconstructions: a folder written by `brics reconstruct` holding `inputs/` and `recon/` with PNGs of
   the same names (pairs matched by name).
+- Unreadable images (truncated, empty, not an image) are left out and named in the result
+  (`unreadable_report`); when more than `MAX_UNREADABLE` of a set is unreadable no metric is
+  reported, since it would describe another set than the one asked for.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from brics_cli.core.images import IMAGE_SUFFIXES
 from brics_cli.errors import BricsError, ConfigError
 from brics_cli.runs import SAMPLE_KEYS, is_sample_manifest
 
+MAX_UNREADABLE = 0.01  # the largest fraction of a set that may be left out as unreadable; more refuses the metric
+LISTED_UNREADABLE = 10  # file names an `unreadable` record lists
 
 
 @dataclass
@@ -48,6 +53,14 @@ class ImageSet:
     def describe(self) -> str:
         where = f"{self.source} ({self.split} split, exported to {self.path})" if self.kind == "shards" else str(self.path)
         return f"{len(self.files)} images from {where}"
+
+    def repair_hint(self) -> str:
+        """How to get rid of unreadable files in this set, for an error message."""
+        if self.kind == "shards":
+            return f"delete the export cache {self.path} to export the shards again (`brics shard verify` checks the shards)"
+        if self.manifest is not None:
+            return "rerun the same `brics sample` command: it rewrites unreadable images"
+        return f"repair or remove them from {self.path}"
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -92,7 +105,11 @@ def load_samples(folder: Path, n: int | None = None, strict: bool = True) -> Ima
         files = files[:n]
     if not files:
         raise ConfigError(f"no images in {folder}")
-    return ImageSet(files, folder, manifest_sha or fingerprint_files(files), "samples", manifest_sha, manifest=manifest)
+    # The files' sizes and times too, not only the manifest: a damaged or rewritten image is another set.
+    fingerprint = fingerprint_files(files)
+    if manifest_sha:
+        fingerprint = hashlib.sha256(f"{manifest_sha}:{fingerprint}".encode()).hexdigest()
+    return ImageSet(files, folder, fingerprint, "samples", manifest_sha, manifest=manifest)
 
 
 def recorded_reference(samples: ImageSet) -> str | None:
@@ -150,13 +167,13 @@ def export_shards(shards: Path, split: str, progress: Callable[[int, int], None]
     if record.is_file():
         done = json.loads(record.read_text())
         files = [target / f for f in done["files"]]
-        if done.get("manifest_sha256") == manifest_sha and all(p.is_file() for p in files):
+        if done.get("manifest_sha256") == manifest_sha and _intact(files, done.get("sizes")):
             return ImageSet(files, target, manifest_sha, "shards", manifest_sha, str(shards.resolve()), split)
     total = manifest["counts"].get(split, 0)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    files = []
+    files, sizes = [], []
     for name in names:
         with tarfile.open(shards / name) as tar:
             for member in tar:
@@ -165,14 +182,38 @@ def export_shards(shards: Path, split: str, progress: Callable[[int, int], None]
                     continue
                 (tmp / f"{stem}.{ext}").write_bytes(tar.extractfile(member).read())
                 files.append(f"{stem}.{ext}")
+                sizes.append(member.size)
                 if progress is not None:
                     progress(1, total)
     (tmp / "export.json").write_text(json.dumps({
         "shards": str(shards.resolve()), "manifest_sha256": manifest_sha, "split": split, "count": len(files), "files": files,
+        "sizes": sizes,
     }))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return ImageSet([target / f for f in files], target, manifest_sha, "shards", manifest_sha, str(shards.resolve()), split)
+
+
+def unreadable_report(what: str, total: int, unreadable: dict[str, str], fix: str) -> dict:
+    """`{"count", "files": the first names}` of the `unreadable` files (name -> "PATH: reason") among
+    `total`; more than MAX_UNREADABLE of them is an error naming how many, the first one and `fix`."""
+    names = list(unreadable)
+    if len(names) > MAX_UNREADABLE * total:
+        raise BricsError(
+            f"{len(names)} of {total} {what} are unreadable, more than the {MAX_UNREADABLE:.0%} a metric may leave out "
+            f"(first: {unreadable[names[0]]}); {fix}"
+        )
+    return {"count": len(names), "files": names[:LISTED_UNREADABLE]}
+
+
+def _intact(files: list[Path], sizes: list[int] | None) -> bool:
+    """Every exported file still there with the size it was written with (a cut-short cache file is re-exported)."""
+    if sizes is None or len(sizes) != len(files):
+        return False  # an export from before sizes were recorded: redone once
+    try:
+        return all(p.stat().st_size == size for p, size in zip(files, sizes))
+    except OSError:
+        return False
 
 
 def reconstruction_pairs(folder: Path) -> list[tuple[Path, Path]]:

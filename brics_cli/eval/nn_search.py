@@ -16,6 +16,10 @@ Two stages, so a 126k-image training set does not need 126k LPIPS evaluations pe
    than the embedding distance of the best image left out.
 
 `exact=True` computes the exact distance to every reference image (brute force).
+
+An image that does not decode is data, not a crash: an unreadable sample is no query, an unreadable
+reference image is at infinite distance (its cached embedding row is NaN), and both are named in
+nn.json's "search" -> "unreadable"; past `MAX_UNREADABLE` of either set no neighbours are reported.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from brics_cli.core.images import from_uint8, load_image, to_uint8
+from brics_cli.core.images import ImageSkip, from_uint8, load_image, to_uint8
 
 QUERY_CHUNK = 256  # samples searched at once: bounds memory whatever the number of samples
 
@@ -107,34 +111,63 @@ class LPIPSDistance:
 
 
 class ImageBank:
-    """Images of a file list by index, as [-1, 1] float tensors; decoded once and kept (uint8) while under a budget."""
+    """Images of a file list by index, as [-1, 1] float tensors; decoded once and kept (uint8) while under a budget.
+
+    A file that does not decode reads as a black image and is recorded in `unreadable` (index ->
+    "PATH: reason") when first met; `excluded(indices)` says which indices those are.
+    """
 
     def __init__(self, files: Sequence[Path], budget_bytes: int = 1 << 30):
-        self.files = list(files)
-        first = self._decode(0) if self.files else None
-        self.keep = first is not None and first.numel() * len(self.files) <= budget_bytes
-        if self.keep:
-            self.store = torch.empty((len(self.files), *first.shape), dtype=torch.uint8)  # (N, 3, H, W)
-            self.loaded = torch.zeros(len(self.files), dtype=torch.bool)
-            self.store[0], self.loaded[0] = first, True
+        from brics_cli.errors import BricsError
 
-    def _decode(self, i: int) -> torch.Tensor:
-        return to_uint8(load_image(self.files[i]))
+        self.files = list(files)
+        self.unreadable: dict[int, str] = {}
+        first, image = 0, None
+        while image is None and first < len(self.files):  # the first readable image gives the shape
+            image = self.decode(first)
+            first += image is None
+        if self.files and image is None:
+            raise BricsError(f"none of the {len(self.files)} images in {self.files[0].parent} decodes (first: {self.unreadable[0]})")
+        self.shape = None if image is None else tuple(image.shape)  # (3, H, W)
+        self.keep = image is not None and image.numel() * len(self.files) <= budget_bytes
+        if self.keep:
+            self.store = torch.zeros((len(self.files), *image.shape), dtype=torch.uint8)  # (N, 3, H, W); black = unreadable
+            self.loaded = torch.zeros(len(self.files), dtype=torch.bool)
+            self.loaded[: first + 1] = True  # the ones before `first` are unreadable: left black
+            self.store[first] = image
+
+    def decode(self, i: int) -> torch.Tensor | None:
+        """uint8 (3, H, W) of file i, or None when it does not decode (then named in `unreadable`)."""
+        if i in self.unreadable:
+            return None
+        try:
+            return to_uint8(load_image(self.files[i]))
+        except ImageSkip as skip:
+            self.unreadable[i] = skip.detail
+            return None
+
+    def _image(self, i: int) -> torch.Tensor:
+        image = self.decode(i)
+        return torch.zeros(self.shape, dtype=torch.uint8) if image is None else image
 
     def get(self, indices: Sequence[int]) -> torch.Tensor:
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         try:
             if self.keep:
                 for i in idx[~self.loaded[idx]].unique().tolist():
-                    self.store[i], self.loaded[i] = self._decode(i), True
+                    self.store[i], self.loaded[i] = self._image(i), True
                 images = self.store[idx]
             else:
-                images = torch.stack([self._decode(i) for i in idx.tolist()])
+                images = torch.stack([self._image(i) for i in idx.tolist()])
         except RuntimeError as exc:
             from brics_cli.errors import BricsError
 
             raise BricsError(f"images of different sizes among {self.files[0].parent}: every image of a set must have one size") from exc
         return from_uint8(images)
+
+    def excluded(self, indices: torch.Tensor) -> torch.Tensor:
+        """Bool mask, shaped like `indices`: the ones found unreadable so far."""
+        return torch.isin(indices, torch.tensor(sorted(self.unreadable), dtype=torch.long))
 
     def __len__(self) -> int:
         return len(self.files)
@@ -156,7 +189,9 @@ def embeddings(bank: ImageBank, metric, batch: int, progress: Callable[[int], No
     parts = []
     for start in range(0, len(bank), batch):
         idx = range(start, min(start + batch, len(bank)))
-        parts.append(metric.embed(metric.features(bank.get(idx))).double().cpu())
+        e = metric.embed(metric.features(bank.get(idx))).double().cpu()
+        e[bank.excluded(torch.as_tensor(idx))] = float("nan")  # an unreadable image has no embedding (and keeps none in the cache)
+        parts.append(e)
         if progress is not None:
             progress(len(idx))
     return torch.cat(parts)
@@ -165,7 +200,8 @@ def embeddings(bank: ImageBank, metric, batch: int, progress: Callable[[int], No
 def top_candidates(eq: torch.Tensor, er: torch.Tensor, m: int, block: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """The m smallest squared embedding distances of each query over the reference, blockwise.
 
-    eq (Q, E), er (R, E) -> values (Q, m) ascending and reference indices (Q, m).
+    eq (Q, E), er (R, E) -> values (Q, m) ascending and reference indices (Q, m). A NaN row of er
+    (an unreadable image) is at infinite distance.
     """
     q_norm = (eq * eq).sum(1, keepdim=True)
     best_d = torch.empty(eq.shape[0], 0, dtype=eq.dtype)
@@ -173,6 +209,7 @@ def top_candidates(eq: torch.Tensor, er: torch.Tensor, m: int, block: int = 8192
     for start in range(0, er.shape[0], block):
         rb = er[start : start + block]
         d = (q_norm + (rb * rb).sum(1) - 2 * eq @ rb.T).clamp_min_(0)  # (Q, B)
+        d.masked_fill_(torch.isnan(rb).any(1), float("inf"))
         idx = torch.arange(start, start + rb.shape[0]).expand(eq.shape[0], -1)
         best_d, order = torch.cat([best_d, d], 1).sort(1)
         best_i = torch.cat([best_i, idx], 1).gather(1, order)
@@ -210,6 +247,7 @@ def search(
         c_feats = metric.features(bank.get(idx.flatten().tolist()))
         c_feats = [f.view(*idx.shape, *f.shape[1:]) for f in c_feats]  # (q, m, ...)
         d = metric.paired_distances([f[qs] for f in q_feats], c_feats).cpu()  # (q, m)
+        d[bank.excluded(idx)] = float("inf")  # found unreadable only now (damaged after its embedding was cached)
         best_d, order = d.sort(1)
         out_i.append(idx.gather(1, order[:, :k]))
         out_d.append(best_d[:, :k])
@@ -235,6 +273,7 @@ def _brute_force(q_feats, bank: ImageBank, metric, k: int, batch: int, progress)
         idx = torch.arange(start, min(start + batch, n_ref))
         r_feats = metric.features(bank.get(idx.tolist()))
         d = metric.cross_distances(q_feats, r_feats).cpu().double()  # (Q, B)
+        d[:, bank.excluded(idx)] = float("inf")
         best_d, order = torch.cat([best_d, d], 1).sort(1)
         best_i = torch.cat([best_i, idx.expand(n_q, -1)], 1).gather(1, order)
         best_d, best_i = best_d[:, :k], best_i[:, :k]
@@ -249,8 +288,13 @@ def embedding_cache_key(metric, fingerprint: str, n: int, weight_shas: Sequence[
 
 
 def cached_embeddings(path: Path, bank: ImageBank, metric, batch: int, progress=None) -> torch.Tensor:
+    """The reference embeddings from `path`, else computed and stored there. The NaN rows of a cached
+    file (images unreadable then) are decoded again: still unreadable, they are named in
+    `bank.unreadable`; readable now, the embeddings are computed afresh."""
     if path.is_file():
-        return torch.from_numpy(np.load(path))
+        emb = torch.from_numpy(np.load(path))
+        if all(bank.decode(i) is None for i in torch.isnan(emb).any(1).nonzero().flatten().tolist()):
+            return emb
     emb = embeddings(bank, metric, batch, progress)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -278,12 +322,28 @@ def contact_sheet(rows: list[list[torch.Tensor]], gap: int = 2):
     return sheet
 
 
+def named_unreadable(bank: ImageBank) -> dict[str, str]:
+    """The bank's unreadable files so far, in file order: name -> "PATH: reason"."""
+    return {bank.files[i].name: bank.unreadable[i] for i in sorted(bank.unreadable)}
+
+
+def readable_queries(samples) -> tuple[ImageBank, list[int], dict]:
+    """Every sample decoded once: the bank, the indices of the readable ones and the `unreadable` record."""
+    from brics_cli.eval.image_sets import unreadable_report
+
+    bank = ImageBank(samples.files)
+    for start in range(0, len(bank), QUERY_CHUNK):  # in chunks: memory stays bounded whatever --queries is
+        bank.get(range(start, min(start + QUERY_CHUNK, len(bank))))
+    record = unreadable_report("samples", len(bank), named_unreadable(bank), samples.repair_hint())
+    return bank, [i for i in range(len(bank)) if i not in bank.unreadable], record
+
+
 def find_neighbours(samples, reference, metric: str, *, k: int = 5, candidates: int = 64, exact: bool = False,
                     batch: int = 64, device: torch.device = torch.device("cpu"), grid_rows: int = 16, progress=None):
     """`brics nn-search`: (nn.json report, contact sheet) for the samples against the reference (`ImageSet`s)."""
     from brics_cli.errors import ConfigError
     from brics_cli.nets import weights
-    from brics_cli.eval.image_sets import cache_root
+    from brics_cli.eval.image_sets import cache_root, unreadable_report
 
     if metric == "lpips":
         from brics_cli.nets.perceptual import load_lpips
@@ -291,30 +351,35 @@ def find_neighbours(samples, reference, metric: str, *, k: int = 5, candidates: 
         distance = LPIPSDistance(load_lpips("alex", device))
     else:
         distance = L2Distance()
-    bank, query_bank = ImageBank(reference.files), ImageBank(samples.files)
-    if query_bank.get([0]).shape != bank.get([0]).shape:
-        raise ConfigError(f"samples are {tuple(query_bank.get([0]).shape[-2:])} and reference images {tuple(bank.get([0]).shape[-2:])}: sizes must match")
+    query_bank, queries, unreadable_samples = readable_queries(samples)  # refused here, before the reference is read
+    bank = ImageBank(reference.files)
+    if query_bank.shape != bank.shape:
+        raise ConfigError(f"samples are {query_bank.shape[-2:]} and reference images {bank.shape[-2:]}: sizes must match")
     weight_names = weights.LPIPS_WEIGHTS["alex"] if metric == "lpips" else ()
     emb = None
     if not exact:
         key = embedding_cache_key(distance, reference.fingerprint, len(bank), [weights.describe(w)["sha256"] for w in weight_names])
         emb = cached_embeddings(cache_root() / "nn" / f"embed-{metric}-{key}.npy", bank, distance, batch,
                                 progress("embed reference", len(bank)) if progress else None)
-    n_q = len(query_bank)
-    chunks = [range(s, min(s + QUERY_CHUNK, n_q)) for s in range(0, n_q, QUERY_CHUNK)]
+    n_q = len(queries)
+    chunks = [queries[s : s + QUERY_CHUNK] for s in range(0, n_q, QUERY_CHUNK)]
     advance = progress("exact distances", len(bank) * len(chunks) if exact else n_q) if progress else None
     results = [search(query_bank.get(c), bank, distance, k, candidates, exact, batch, emb, progress=advance and (lambda label, total: advance))
                for c in chunks]
+    unreadable = {"samples": unreadable_samples,
+                  "reference": unreadable_report("reference images", len(bank), named_unreadable(bank), reference.repair_hint())}
     indices = torch.cat([r.indices for r in results])
     distances = torch.cat([r.distances for r in results])
     certified = [c for r in results for c in r.certified]
     keys = [p.stem for p in reference.files]
+    # An unreadable reference image is never a neighbour; it could only fill a row when k exceeds the readable ones.
+    neighbours = [[(i, float(d)) for i, d in zip(indices[q].tolist(), distances[q]) if i not in bank.unreadable] for q in range(n_q)]
     report = {
         "metric": metric,
         "k": int(indices.shape[1]),
         "queries": [
-            {"sample": samples.files[q].name,
-             "neighbours": [{"key": keys[i], "distance": float(d)} for i, d in zip(indices[q].tolist(), distances[q])],
+            {"sample": samples.files[queries[q]].name,
+             "neighbours": [{"key": keys[i], "distance": d} for i, d in neighbours[q]],
              "certified": certified[q]}
             for q in range(n_q)
         ],
@@ -326,11 +391,12 @@ def find_neighbours(samples, reference, metric: str, *, k: int = 5, candidates: 
             "certified": sum(bool(c) for c in certified),
             "distance": distance.describe(),
             "reference": {"path": str(reference.path), "source": reference.source, "split": reference.split,
-                          "manifest_sha256": reference.manifest_sha256, "n": len(bank)},
+                          "manifest_sha256": reference.manifest_sha256, "n": len(bank) - len(bank.unreadable)},
             "samples": str(samples.path),
+            "unreadable": unreadable,
             "weights": [weights.describe(w) for w in weight_names],
             "device": str(device),
         },
     }
-    rows = [[query_bank.get([q])[0]] + list(bank.get(indices[q].tolist())) for q in range(min(grid_rows, n_q))]
+    rows = [[query_bank.get([queries[q]])[0]] + list(bank.get([i for i, _ in neighbours[q]])) for q in range(min(grid_rows, n_q))]
     return report, contact_sheet(rows)

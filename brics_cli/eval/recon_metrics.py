@@ -9,6 +9,8 @@ differs in the third decimal). SSIM is not shift-invariant (its luminance term c
 the authors' code, which fed [-1, 1] images to torchmetrics, reports different SSIM values. LPIPS
 (`brics_cli.nets.perceptual.load_lpips`) uses the AlexNet backbone for evaluation, as in the
 authors' code. std is the population std (ddof = 0) over images, Table 2's "mean +- std".
+A pair whose input or reconstruction does not decode is left out and named ("unreadable"); past
+`MAX_UNREADABLE` of the pairs no metric is reported.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from brics_cli.errors import BricsError
-from brics_cli.core.images import load_image
+from brics_cli.core.images import ImageSkip, load_image
 from brics_cli.nets.perceptual import load_lpips
 from brics_cli.nets.weights import LPIPS_WEIGHTS
 
@@ -107,15 +109,18 @@ def evaluate_folder(folder, lpips_net: str = "alex", device: str | torch.device 
     """`brics eval recon`: Table 2's metrics of a `brics reconstruct` folder (inputs/ and recon/), with the protocol."""
     from brics_cli.nets import weights
     from brics_cli.eval.generative import library_versions
-    from brics_cli.eval.image_sets import reconstruction_pairs
+    from brics_cli.eval.image_sets import reconstruction_pairs, unreadable_report
 
     pairs = reconstruction_pairs(folder)
     names = [] if lpips_net == "none" else list(LPIPS_WEIGHTS[lpips_net])
     model = None if lpips_net == "none" else load_lpips(lpips_net, device)
-    result = evaluate_pairs(pairs, model, batch_size, progress("reconstructions", len(pairs)) if progress else None)
+    found: dict[str, str] = {}
+    result = evaluate_pairs(pairs, model, batch_size, progress("reconstructions", len(pairs)) if progress else None, found)
+    unreadable = unreadable_report("image pairs", len(pairs), found, f"rerun `brics reconstruct` into {folder} or remove those pairs")
     result["protocol"] = {
         "folder": str(folder),
-        "n": len(pairs),
+        "n": result["n"],
+        "unreadable": unreadable,
         "psnr": "per image, data_range 2 on [-1, 1] (= 1 on [0, 1])",
         "ssim": "torchmetrics, Gaussian 11x11 sigma 1.5, on [0, 1], mean over all pixels",
         "lpips": None if model is None else f"lpips v0.1 {lpips_net}",
@@ -127,17 +132,33 @@ def evaluate_folder(folder, lpips_net: str = "alex", device: str | torch.device 
     return result
 
 
-def evaluate_pairs(pairs, lpips_model: nn.Module | None, batch_size: int = 32, progress=None) -> dict:
-    """Reconstruction metrics of (input file, reconstruction file) pairs, in batches."""
+def evaluate_pairs(pairs, lpips_model: nn.Module | None, batch_size: int = 32, progress=None,
+                   unreadable: dict[str, str] | None = None) -> dict:
+    """Reconstruction metrics of (input file, reconstruction file) pairs, in batches.
+
+    A pair with a file that does not decode is dropped and recorded in `unreadable` (pair name ->
+    "PATH: reason"); without that dict it is an error.
+    """
     meter = ReconstructionMeter(lpips_model, "LPIPS not requested" if lpips_model is None else None)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        try:
-            x = torch.stack([load_image(a) for a, _ in chunk])
-            y = torch.stack([load_image(b) for _, b in chunk])
-            meter.update(x, y)
-        except (RuntimeError, ValueError) as exc:  # sizes differ within a batch or between input and reconstruction
-            raise BricsError(f"images of different sizes among {chunk[0][0].name} .. {chunk[-1][0].name}: {exc}") from exc
+        loaded = [pair for pair in (_load_pair(a, b, unreadable) for a, b in chunk) if pair is not None]
+        if loaded:
+            try:
+                meter.update(torch.stack([x for x, _ in loaded]), torch.stack([y for _, y in loaded]))
+            except (RuntimeError, ValueError) as exc:  # sizes differ within a batch or between input and reconstruction
+                raise BricsError(f"images of different sizes among {chunk[0][0].name} .. {chunk[-1][0].name}: {exc}") from exc
         if progress is not None:
             progress(len(chunk))
     return meter.result()
+
+
+def _load_pair(a, b, unreadable: dict[str, str] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Both images of a pair, or None (recorded in `unreadable`) when either does not decode."""
+    try:
+        return load_image(a), load_image(b)
+    except ImageSkip as skip:
+        if unreadable is None:
+            raise BricsError(f"unreadable image {skip.detail}") from skip
+        unreadable[a.name] = str(skip.detail)
+        return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,12 +24,14 @@ import numpy as np
 import torch
 
 from brics_cli import __version__
+from brics_cli.core.locks import folder_lock
 from brics_cli.core.files import atomic_write_bytes, atomic_write_json, sha256_file
 from brics_cli.core.images import ImageSkip, array_to_tensor, center_crop_box, crop_resize, decode_rgb, is_image_file, png_bytes, save_image_grid
 from brics_cli.core.progress import Progress
 from brics_cli.core.runtime import Runtime, resolve_device, setup_runtime
 from brics_cli.data.config import DataConfig
 from brics_cli.errors import BricsError, ConfigError
+from brics_cli.eval.image_sets import LISTED_UNREADABLE
 from brics_cli.eval.recon_metrics import ReconstructionMeter
 from brics_cli.models.autoencoder import BRICSAutoencoder
 from brics_cli.models.keycode import key_queries, tile_key_codes
@@ -36,8 +39,9 @@ from brics_cli.nets.perceptual import try_load_lpips
 from brics_cli.runs import checkpoint_to_read
 
 
-def folder_images(folder: Path, resolution: int, skipped: dict[str, int]) -> Iterator[tuple[torch.Tensor, str]]:
-    """Images of a folder, centre-cropped and resized to the model's resolution; unreadable files are counted."""
+def folder_images(folder: Path, resolution: int, skipped: dict[str, int], unreadable: dict[str, str]) -> Iterator[tuple[torch.Tensor, str]]:
+    """Images of a folder, centre-cropped and resized to the model's resolution; unreadable files are
+    counted by category in `skipped` and named in `unreadable` (name -> "PATH: reason")."""
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p)):
         try:
             img, _ = decode_rgb(path.read_bytes())
@@ -45,6 +49,7 @@ def folder_images(folder: Path, resolution: int, skipped: dict[str, int]) -> Ite
         except (ImageSkip, OSError) as exc:
             category = getattr(exc, "category", "unreadable")
             skipped[category] = skipped.get(category, 0) + 1
+            unreadable[path.relative_to(folder).as_posix()] = f"{path}: {exc}"
             continue
         yield array_to_tensor(np.asarray(img)), path.relative_to(folder).as_posix()
 
@@ -126,18 +131,16 @@ def reconstruct(
     per-image metrics, grid images and usage counts are gathered, so every rank returns the metrics
     of all images, and rank 0 alone writes metrics.json, manifest.json, grid.png and usage.png.
     """
-    from brics_cli.nets.perceptual import try_load_lpips
-    from brics_cli.eval.recon_metrics import ReconstructionMeter
-
     rank, world = (rt.rank, rt.world_size) if rt is not None else (0, 1)
 
     resolution = model.resolution
     skipped: dict[str, int] = {}
+    unreadable: dict[str, str] = {}
     dataset = None
     if (source / "manifest.json").is_file():
         images, split, dataset = shard_images(source, resolution, split)
     elif source.is_dir():
-        images = folder_images(source, resolution, skipped)
+        images = folder_images(source, resolution, skipped, unreadable)
     else:
         raise BricsError(f"--input {source}: neither a shard folder (with manifest.json) nor a folder of images")
     lpips_model, reason = try_load_lpips(lpips_net, device)
@@ -197,6 +200,11 @@ def reconstruct(
     if dataset is not None:
         skipped["corrupt"] = dataset.skipped.count
     result["skipped"] = {k: v for k, v in skipped.items() if v}
+    if unreadable:  # reconstructions of the rest are still useful; `brics eval` is what refuses a metric
+        result["unreadable"] = {"count": len(unreadable), "files": list(unreadable)[:LISTED_UNREADABLE]}
+        if rank == 0:
+            print(f"warning: {len(unreadable)} unreadable images in {source} left out (first: {next(iter(unreadable.values()))})",
+                  file=sys.stderr)
     if rank != 0:
         return result
     shown.sort(key=lambda item: item[0])
@@ -244,7 +252,7 @@ def reconstruct_run(input: Path, out: Path, run: Path | None, checkpoint: Path |
     rt = setup_runtime(device)
     try:
         model = BRICSAutoencoder.from_checkpoint(checkpoint, ema=ema, device=rt.device)
-        with Progress(rt.is_main, transient=True) as progress:
+        with folder_lock(out, rt), Progress(rt.is_main, transient=True) as progress:
             task = progress.task("reconstruct", None if n is None else len(range(rt.rank, n, rt.world_size)))
             result = reconstruct(model, checkpoint, input, out, n=n, batch=batch, split=split, usage=usage,
                                  device=rt.device, progress=task.advance, rt=rt)

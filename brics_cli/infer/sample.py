@@ -6,7 +6,9 @@ always runs on blocks of exactly `chunk` rows (zero-padded; BLAS kernels picked 
 round differently, the row's position within a block does not matter -- measured), and each image
 is decoded on its own. So the batch size, the number of ranks (torchrun splits the indices
 i = rank mod world) and interruptions do not change any image (on one device type). Each PNG is
-written atomically; a rerun writes only the missing indices.
+written atomically; a rerun writes only the missing indices -- and the damaged ones: an existing
+file counts as done only if it decodes completely, ends with PNG's IEND chunk and has the
+autoencoder's size, so a rerun repairs a truncated or foreign file.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import Any, Callable
 
 import torch
 
-from brics_cli.core.files import atomic_write_bytes, atomic_write_json, sha256_file
-from brics_cli.core.images import load_image, png_bytes, save_image_grid
+from brics_cli.core.files import atomic_write_bytes, atomic_write_json, remove_stale_temporaries, sha256_file
+from brics_cli.core.images import ImageSkip, load_image, png_bytes, save_image_grid
 from brics_cli.core.progress import Progress
+from brics_cli.core.locks import folder_lock
+from brics_cli.core.signals import StopRequest
 from brics_cli.core.runtime import resolve_device, setup_runtime
 from brics_cli.diffusion.loss import x0_to_codes
 from brics_cli.diffusion.model import DiffusionModel
@@ -48,8 +52,26 @@ def fixed_blocks(model, chunk: int):
     return run
 
 
-def missing_indices(out: Path, n: int, rank: int = 0, world_size: int = 1) -> list[int]:
-    return [i for i in range(rank, n, world_size) if not (out / file_name(i)).is_file()]
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last 12 bytes of every complete PNG: IEND, length 0, its CRC
+
+
+def is_complete_sample(path: Path, resolution: int | None) -> bool:
+    """A PNG that decodes completely, is not cut short after its pixels (PIL reads those without the
+    IEND chunk) and is resolution x resolution when that is given."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-len(PNG_END), 2)
+            if f.read() != PNG_END:
+                return False
+        image = load_image(path)  # (3, H, W); decodes every pixel
+    except (OSError, ImageSkip):  # gone, shorter than 12 bytes, truncated, not an image
+        return False
+    return resolution is None or tuple(image.shape[-2:]) == (resolution, resolution)
+
+
+def missing_indices(out: Path, n: int, rank: int = 0, world_size: int = 1, resolution: int | None = None) -> list[int]:
+    """This rank's indices (i = rank mod world_size) that still need an image: no file, or one that is not a complete sample."""
+    return [i for i in range(rank, n, world_size) if not is_complete_sample(out / file_name(i), resolution)]
 
 
 @torch.no_grad()
@@ -70,8 +92,10 @@ def generate(
     clip_x0: bool = True,
     device: torch.device = torch.device("cpu"),
     progress: Callable[[int], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> int:
-    """Write out/NNNNNN.png for every index; returns the number written."""
+    """Write out/NNNNNN.png for every index; returns the number written. Ends early, after a whole
+    batch, when `stop` is requested (SIGINT / SIGTERM / SIGUSR1)."""
     sample = SAMPLERS.get(sampler)
     model = fixed_blocks(unet, chunk)
     written = 0
@@ -88,6 +112,8 @@ def generate(
         written += len(chunk)
         if progress is not None:
             progress(len(chunk))
+        if stop is not None and stop.requested:
+            break
     return written
 
 
@@ -116,19 +142,24 @@ def sample_run(run: Path | None, n: int, out: Path, *, batch: int, chunk: int, s
         if not ae_ckpt.is_file():
             raise BricsError(f"{path}: its autoencoder checkpoint {ae_ckpt} is gone; sampling needs it to decode")
         ae = BRICSAutoencoder.from_checkpoint(ae_ckpt, ema=True, device=rt.device)
-        out.mkdir(parents=True, exist_ok=True)
-        todo = missing_indices(out, n, rt.rank, rt.world_size)
-        existing = len(range(rt.rank, n, rt.world_size)) - len(todo)
-        if existing and rt.is_main:
-            print(f"{out}: {existing} images already there; writing the missing {len(todo)}", file=sys.stderr)
-        with Progress(rt.is_main, transient=True) as progress:
-            task = progress.task("sample", len(todo))
-            generate(model.unet, model.schedule, ae, model.code_shape, out, todo, seed=seed, batch=batch, chunk=chunk,
-                     device=rt.device, progress=task.advance, **settings)
-        rt.barrier()
-        if not rt.is_main:
-            return None
-        return write_sample_manifest(out, n, path, model.meta, settings, seed, ema)
+        with folder_lock(out, rt):
+            if rt.is_main:
+                remove_stale_temporaries(out)  # .NNNNNN.png.tmpPID of a killed run
+            rt.barrier()
+            todo = missing_indices(out, n, rt.rank, rt.world_size, ae.resolution)
+            existing = len(range(rt.rank, n, rt.world_size)) - len(todo)
+            if existing and rt.is_main:
+                print(f"{out}: {existing} images already there; writing the missing {len(todo)}", file=sys.stderr)
+            with Progress(rt.is_main, transient=True) as progress, StopRequest() as stop:
+                task = progress.task("sample", len(todo))
+                written = generate(model.unet, model.schedule, ae, model.code_shape, out, todo, seed=seed, batch=batch,
+                                   chunk=chunk, device=rt.device, progress=task.advance, stop=stop, **settings)
+            rt.barrier()
+            if not rt.is_main:
+                return None
+            if stop.requested:
+                return {"stopped_by": stop.signal_name, "written": written, "out": str(out)}
+            return write_sample_manifest(out, n, path, model.meta, settings, seed, ema)
     finally:
         rt.shutdown()
 

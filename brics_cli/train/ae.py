@@ -10,13 +10,15 @@ One step = one global batch (the recipe's `ae.train.batch`), split over ranks an
 wrapped in DistributedDataParallel under torchrun; the discriminator's gradients are averaged by
 hand because its gradient penalty differentiates through a gradient (double backward), which
 DDP's reducer does not support. Everything a rerun needs to continue bit for bit -- weights, EMA,
-optimiser moments, RNG states, the data position -- is in the checkpoint.
+optimiser moments, RNG states, the data position -- is in the checkpoint. Only models that pass the
+divergence guard's weight check are checkpointed; on a bad streak the run rolls back to the last
+checkpoint (brics_cli/train/guard.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +40,7 @@ from brics_cli.models.autoencoder import BRICSAutoencoder, decoder_provenance
 from brics_cli.models.discriminator import Discriminator
 from brics_cli.models.keycode import key_queries, tile_key_codes
 from brics_cli.train.ema import EMA
-from brics_cli.train.guard import NonFiniteGuard, StopRequest, checkpoint_or_stop, grad_norm
+from brics_cli.train.guard import DivergenceGuard, StopRequest, bad_terms, checkpoint_or_stop, grad_norm
 from brics_cli.train.losses import (
     gradient_penalty,
     logistic_discriminator_loss,
@@ -67,13 +69,16 @@ class AETrainConfig:
     bf16: bool = False  # autocast on CUDA; grids, losses and the optimiser stay fp32
     compile: bool = False  # torch.compile the generator and discriminator
     deterministic: bool = False  # torch.use_deterministic_algorithms (exact resume tests)
-    max_bad_steps: int = 10  # consecutive non-finite steps before stopping
+    max_bad_steps: int = 10  # bad steps in a row (non-finite loss, or weights failing the check) before a rollback
+    max_rollbacks: int = 2  # rollbacks in a row to the same checkpoint before the run stops
     r1_every: int = 16  # lazy R1 interval for loss.gan=logistic-r1
 
     def validate(self) -> None:
         for name in ("steps", "batch", "log_every", "sample_every", "checkpoint_every", "max_bad_steps", "r1_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ae.train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_rollbacks < 0:
+            raise ValueError(f"ae.train.max_rollbacks must be >= 0, got {self.max_rollbacks}")
         if self.micro_batch is not None and self.micro_batch < 1:
             raise ValueError(f"ae.train.micro_batch must be >= 1 or null, got {self.micro_batch}")
         if not 0 <= self.ema < 1:
@@ -128,9 +133,15 @@ class AETrainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.checkpoints = ckpt.CheckpointDir(self.run_dir / "checkpoints", self.cfg.keep)
-        self.guard = NonFiniteGuard(self.cfg.max_bad_steps)
-        self.last_checkpoint: Path | None = None
+        self.guard = DivergenceGuard(self.cfg.max_bad_steps, self.cfg.max_rollbacks,
+                                     fix="lower ae.optim.lr (or ae.optim.d_lr) in a new run (--run-dir), or check the data")
+        self.guard.weights_problem(self.checked_modules(), rt, fresh=True)  # the growth test starts from the initial weights
+        self.last_checkpoint: Path | None = None  # the newest checkpoint: every one passed the weight check
         self.skipped_samples = 0
+
+    def checked_modules(self) -> dict[str, nn.Module]:
+        """What the weight check covers: everything a checkpoint holds weights of."""
+        return {"ae": self.ae, "ema": self.ema.module, "disc": self.disc}
 
     # ---- checkpoint state ----
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -159,18 +170,24 @@ class AETrainer:
         }
         return tensors, meta
 
-    def save(self) -> Path | None:
+    def save(self) -> str | None:
+        """Checkpoint this step if the model passes the weight check; otherwise why not (nothing written)."""
+        problem = self.guard.weights_problem(self.checked_modules(), self.rt)
+        if problem:
+            return problem
         if self.rt.is_main:
             tensors, meta = self.state()
-            self.last_checkpoint = self.checkpoints.save(self.step, tensors, meta)
+            self.checkpoints.save(self.step, tensors, meta)
         self.rt.barrier()
-        return self.last_checkpoint
+        self.last_checkpoint = self.checkpoints.path(self.step)  # on every rank: the rollback target
+        return None
 
     def resume(self, path: Path) -> None:
-        meta = ckpt.read_metadata(path)
-        if meta.get("kind") != "ae":
+        """Continue from a checkpoint; raises `UnusableCheckpoint` for a file that cannot be resumed from."""
+        meta = ckpt.read_metadata(path, require=("kind", "step", "config", "optim", "rng", "data", "ema_updates"))
+        if meta["kind"] != "ae":
             raise BricsError(f"{path}: not an autoencoder checkpoint")
-        changed = self.recipe.resume_conflicts(meta.get("config", {}), "ae")
+        changed = self.recipe.resume_conflicts(meta["config"], "ae")
         if changed:
             raise ConfigError(
                 f"{path.parent.parent}: its checkpoints were trained with different {', '.join(changed)}; "
@@ -180,6 +197,16 @@ class AETrainer:
             self.log(f"note: resuming a {meta.get('world_size')}-rank run on {self.rt.world_size} ranks -- "
                      "the data order differs from an uninterrupted run")
         tensors = ckpt.load_tensors(path, device=self.rt.device)
+        try:
+            self._load_state(tensors, meta)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:  # damaged: missing tensors or fields
+            raise ckpt.UnusableCheckpoint(f"{path}: its state does not load ({str(exc).splitlines()[0]!r}); the file is damaged") from exc
+        problem = self.guard.weights_problem(self.checked_modules(), self.rt, fresh=True)
+        if problem:  # written by a brics without the weight check, or damaged on disk
+            raise ckpt.UnusableCheckpoint(f"{path}: its weights fail the divergence check ({problem})")
+        self.last_checkpoint = path
+
+    def _load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         for prefix, module in (("ae", self.ae), ("ema", self.ema.module), ("disc", self.disc)):
             module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
         ckpt.load_optimizer_state(self.g_opt, "opt_g", tensors, meta["optim"]["g"])
@@ -191,11 +218,17 @@ class AETrainer:
         self.ema.updates = meta["ema_updates"]
         self.guard.total = meta.get("bad_steps", 0)
         self.skipped_samples = meta.get("skipped_samples", 0)
-        self.last_checkpoint = path
+
+    def roll_back(self) -> None:
+        """Reload the checkpoint the guard chose -- weights, EMA, optimisers, RNG, data position -- and say so."""
+        total, message = self.guard.total, self.guard.message
+        self.resume(self.guard.target)
+        self.guard.rolled_back(total)
+        self.log(message)
 
     def log(self, message: str) -> None:
         if self.rt.is_main:
-            self.progress.log(message) if getattr(self, "progress", None) else print(message)
+            self.progress.log(message) if getattr(self, "progress", None) else print(message, file=sys.stderr)
 
     # ---- one step ----
     def _autocast(self):
@@ -268,33 +301,39 @@ class AETrainer:
         return totals
 
     def train_step(self, micro_batches: list[Tensor]) -> dict[str, float] | None:
-        """One optimiser step of G (and D). None when skipped for non-finite values."""
+        """One optimiser step of G (and D). None when skipped for non-finite values. A bad step --
+        a non-finite value, or weights that fail the check after it -- is counted by the guard,
+        which asks for a rollback after `max_bad_steps` in a row."""
         g_terms, fakes = self.generator_step(micro_batches)
         g_params = [p for p in self.ae.parameters() if p.requires_grad]
         g_norm = grad_norm(g_params)
         values = dict(g_terms)
         values["grad_norm_g"] = g_norm
-        checked = {k: v for k, v in values.items() if not k.startswith("_")}
-        bad_here = NonFiniteGuard.bad_terms(checked)
+        bad_here = bad_terms({k: v for k, v in values.items() if not k.startswith("_")})
         if self.rt.any_flag(bool(bad_here)):  # every rank skips the same steps
             self.g_opt.zero_grad(set_to_none=True)
-            self.guard.check(self.step, checked if bad_here else {"loss on another rank": math.nan}, self.last_checkpoint)
+            self.guard.bad(self.step + 1, f"{', '.join(bad_here) or 'a loss on another rank'} not finite", self.last_checkpoint)
             return None
         self.g_opt.step()
         self.ema.update(self.ae)
+        problem = None
         if self.gan_active():
             d_terms = self.discriminator_step(micro_batches, fakes)
             d_params = list(self.disc.parameters())
             self.rt.all_reduce_mean_([p.grad for p in d_params if p.grad is not None])
             values["grad_norm_d"] = grad_norm(d_params)
-            if self.rt.any_flag(bool(NonFiniteGuard.bad_terms(d_terms | {"grad_norm_d": values["grad_norm_d"]}))):
+            bad_d = bad_terms(d_terms | {"grad_norm_d": values["grad_norm_d"]})
+            if self.rt.any_flag(bool(bad_d)):
                 self.d_opt.zero_grad(set_to_none=True)
-                self.guard.check(self.step, d_terms, self.last_checkpoint)
-                values.update(d_terms)
-                return values
-            self.d_opt.step()
+                problem = f"{', '.join(bad_d) or 'a discriminator loss on another rank'} not finite"
+            else:
+                self.d_opt.step()
             values.update(d_terms)
-        self.guard.consecutive = 0
+        problem = problem or self.guard.weights_problem(self.checked_modules(), self.rt)
+        if problem:
+            self.guard.bad(self.step + 1, problem, self.last_checkpoint)  # numbered as checkpoints: after step + 1 steps
+        else:
+            self.guard.good()
         return values
 
     # ---- data ----
@@ -374,7 +413,13 @@ class AETrainer:
         t_start = time.perf_counter()
         try:
             with StopRequest() as stop:
-                while self.step < cfg.steps:
+                while self.step < cfg.steps or self.guard.must_roll_back:
+                    if self.guard.must_roll_back:
+                        self.roll_back()
+                        metrics.truncate_after(self.step)  # the rolled-back steps' records go
+                        stream.close()
+                        stream, window, window_steps, val_psnr = self.batches(loader, dataset), {}, 0, None
+                        continue
                     micro_batches = [next(stream).to(self.rt.device, non_blocking=True) for _ in range(self.accum)]
                     self.ae.train()
                     values = self.train_step(micro_batches)
@@ -402,7 +447,8 @@ class AETrainer:
                         shown = {k: record[k] for k in ("l2", "perceptual", "g_adv", "d_adv") if k in record}
                         bar.update(self.step, record["img_per_s"], shown, force=True)
                         window, window_steps = {}, 0
-                    stopped_by = checkpoint_or_stop(self.step, cfg.steps, cfg.checkpoint_every, stop, self.rt, self.save, self.log)
+                    stopped_by = checkpoint_or_stop(self.step, cfg.steps, cfg.checkpoint_every, stop, self.rt, self.save, self.log,
+                                                    lambda why: self.guard.checkpoint_refused(self.step, why, self.last_checkpoint))
                     if stopped_by:
                         break
         finally:

@@ -7,14 +7,16 @@
    below the relaxed precision 1/(4 r_max) the decoder was trained to tolerate).
 2. The UNet learns epsilon on x0 = 2z - 1 with the recipe's schedule; Adam with warm-up + cosine
    decay; EMA. Same loop contract as ae-train: resume by rerunning, atomic checkpoints, DDP under
-   torchrun, NaN guard, SIGINT/SIGTERM, metrics.jsonl, sample grids decoded through the AE.
+   torchrun, the divergence guard (only models that pass its weight check are checkpointed; a bad
+   streak rolls back), SIGINT/SIGTERM, metrics.jsonl, sample grids decoded through the AE. On
+   resume the recipe's `diffusion.optim` wins over the checkpoint's, so a lower learning rate
+   after a divergence takes effect from the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +33,7 @@ from brics_cli.core.images import save_image_grid
 from brics_cli.core.progress import Progress
 from brics_cli.core.runtime import Runtime, seed_everything
 from brics_cli.data.loader import ShardDataset
-from brics_cli.diffusion.config import DiffusionStageConfig, build_optimizer
+from brics_cli.diffusion.config import DiffusionStageConfig, build_optimizer, lr_multiplier
 from brics_cli.diffusion.loss import codes_to_x0, diffusion_loss, x0_to_codes
 from brics_cli.diffusion.samplers import sample_generators
 from brics_cli.diffusion.schedules import build_schedule
@@ -41,7 +43,7 @@ from brics_cli.models.unet import UNet
 from brics_cli.registry import SAMPLERS
 from brics_cli.runs import find_checkpoint
 from brics_cli.train.ema import EMA
-from brics_cli.train.guard import NonFiniteGuard, StopRequest, checkpoint_or_stop, grad_norm
+from brics_cli.train.guard import DivergenceGuard, StopRequest, bad_terms, checkpoint_or_stop, grad_norm
 from brics_cli.train.metrics_log import MetricsLog, Throughput
 
 PART_SIZE = 4096  # codes per cache file
@@ -71,8 +73,11 @@ def encode_dataset(ae, data_cfg, folder: Path, device: torch.device, batch: int 
 
     Part i holds the codes of images [i * PART_SIZE, (i + 1) * PART_SIZE) in shard order (then
     their mirror images with data.flip). Resumable: a part already on disk is read back and its
-    images are not encoded again."""
+    images are not encoded again; the temporaries of a killed writer are removed. `ae=None`: only
+    read a finished cache (the other ranks)."""
     folder.mkdir(parents=True, exist_ok=True)
+    if ae is not None:
+        ckpt.remove_stale_writes(folder)  # a killed encoder's part and done.json temporaries
     done = folder / "done.json"
     if done.is_file():
         record = json.loads(done.read_text())
@@ -165,9 +170,15 @@ class DiffusionTrainer:
         self.data_rng = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + 1000 + rt.rank)  # which codes each step trains on
         self.step = 0
         self.checkpoints = ckpt.CheckpointDir(self.run_dir / "checkpoints", self.cfg.train.keep)
-        self.guard = NonFiniteGuard(10)
-        self.last_checkpoint: Path | None = None
+        tc = self.cfg.train
+        self.guard = DivergenceGuard(tc.max_bad_steps, tc.max_rollbacks,
+                                     fix="lower diffusion.optim.lr and rerun (it continues from the last good checkpoint), or check the data")
+        self.guard.weights_problem(self.checked_modules(), rt, fresh=True)  # the growth test starts from the initial weights
+        self.last_checkpoint: Path | None = None  # the newest checkpoint: every one passed the weight check
         self.ae = None  # loaded lazily for sample grids
+
+    def checked_modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet, "ema": self.ema.module}
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors = {f"unet.{k}": v for k, v in self.unet.state_dict().items()}
@@ -195,27 +206,63 @@ class DiffusionTrainer:
         }
         return tensors, meta
 
-    def save(self) -> None:
+    def save(self) -> str | None:
+        """Checkpoint this step if the model passes the weight check; otherwise why not (nothing written)."""
+        problem = self.guard.weights_problem(self.checked_modules(), self.rt)
+        if problem:
+            return problem
         if self.rt.is_main:
             tensors, meta = self.state()
-            self.last_checkpoint = self.checkpoints.save(self.step, tensors, meta)
+            self.checkpoints.save(self.step, tensors, meta)
         self.rt.barrier()
+        self.last_checkpoint = self.checkpoints.path(self.step)  # on every rank: the rollback target
+        return None
 
     def resume(self, path: Path) -> None:
-        meta = ckpt.read_metadata(path)
-        changed = self.recipe.resume_conflicts(meta.get("config", {}), "diffusion")
+        """Continue from a checkpoint; raises `UnusableCheckpoint` for a file that cannot be resumed from."""
+        meta = ckpt.read_metadata(path, require=("kind", "step", "config", "optim", "lr_scheduler", "rng", "ema_updates"))
+        if meta["kind"] != "diffusion":
+            raise BricsError(f"{path}: not a diffusion checkpoint")
+        changed = self.recipe.resume_conflicts(meta["config"], "diffusion")
         if changed:
             raise ConfigError(f"{path.parent.parent}: its checkpoints were trained with different {', '.join(changed)}; "
                               "start a new run (--run-dir) or restore the recipe")
         tensors = ckpt.load_tensors(path, device=self.rt.device)
+        try:
+            self._load_state(tensors, meta)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:  # damaged: missing tensors or fields
+            raise ckpt.UnusableCheckpoint(f"{path}: its state does not load ({str(exc).splitlines()[0]!r}); the file is damaged") from exc
+        problem = self.guard.weights_problem(self.checked_modules(), self.rt, fresh=True)
+        if problem:  # written by a brics without the weight check, or damaged on disk
+            raise ckpt.UnusableCheckpoint(f"{path}: its weights fail the divergence check ({problem})")
+        self.last_checkpoint = path
+
+    def _load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         self.unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
         self.ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         ckpt.load_optimizer_state(self.opt, "opt", tensors, meta["optim"])
         self.lr_sched.load_state_dict(meta["lr_scheduler"])
+        self._apply_recipe_optim()
         ckpt.restore_rng({k: v.cpu() for k, v in tensors.items() if k.startswith("rng.") and k != "rng.data"}, meta["rng"])
         self.data_rng.set_state(tensors["rng.data"].cpu())
         self.step, self.ema.updates, self.guard.total = meta["step"], meta["ema_updates"], meta.get("bad_steps", 0)
-        self.last_checkpoint = path
+
+    def _apply_recipe_optim(self) -> None:
+        """`diffusion.optim` may change on resume: the recipe's lr, schedule, betas, eps and weight
+        decay replace the checkpoint's (an unchanged recipe gives the same values, bit for bit)."""
+        opt = self.cfg.optim
+        self.lr_sched.base_lrs = [opt.lr for _ in self.opt.param_groups]  # LambdaLR: lr = base_lr * factor(step)
+        lr = opt.lr * lr_multiplier(opt)(self.lr_sched.last_epoch)  # the factor of the recipe's warm-up and decay
+        for group in self.opt.param_groups:
+            group.update(lr=lr, initial_lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
+
+    def roll_back(self) -> None:
+        """Reload the checkpoint the guard chose -- weights, EMA, optimiser, RNG, data order -- and say so."""
+        total, message = self.guard.total, self.guard.message
+        self.resume(self.guard.target)
+        self.guard.rolled_back(total)
+        if self.rt.is_main:
+            self.progress.log(message)
 
     def train_step(self) -> dict[str, float] | None:
         idx = torch.randint(len(self.codes), (self.micro,), generator=self.data_rng)
@@ -225,10 +272,10 @@ class DiffusionTrainer:
         loss.backward()
         values = {k: float(v) for k, v in terms.items()}
         values["grad_norm"] = grad_norm(list(self.unet.parameters()))
-        bad = NonFiniteGuard.bad_terms(values)
-        if self.rt.any_flag(bool(bad)):
+        bad = bad_terms(values)
+        if self.rt.any_flag(bool(bad)):  # every rank skips the same steps
             self.opt.zero_grad(set_to_none=True)
-            self.guard.check(self.step, values if bad else {"loss on another rank": math.nan}, self.last_checkpoint)
+            self.guard.bad(self.step + 1, f"{', '.join(bad) or 'a loss on another rank'} not finite", self.last_checkpoint)
             return None
         if self.cfg.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.cfg.optim.grad_clip)
@@ -236,7 +283,11 @@ class DiffusionTrainer:
         self.opt.step()
         self.lr_sched.step()
         self.ema.update(self.unet)
-        self.guard.consecutive = 0
+        problem = self.guard.weights_problem(self.checked_modules(), self.rt)
+        if problem:
+            self.guard.bad(self.step + 1, problem, self.last_checkpoint)  # numbered as checkpoints: after step + 1 steps
+        else:
+            self.guard.good()
         return values
 
     @torch.no_grad()
@@ -261,14 +312,19 @@ class DiffusionTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(self.run_dir, self.rt.is_main)
         metrics.truncate_after(self.step)
-        progress = Progress(show_progress and self.rt.is_main and tc.steps > self.step)
+        progress = self.progress = Progress(show_progress and self.rt.is_main and tc.steps > self.step)
         bar = progress.task("diffusion-train", tc.steps, self.step, unit="codes")
         start_step, t_start = self.step, time.perf_counter()
         window: dict[str, float] = {}
         count, throughput, stopped_by = 0, Throughput(), None
         try:
             with StopRequest() as stop:
-                while self.step < tc.steps:
+                while self.step < tc.steps or self.guard.must_roll_back:
+                    if self.guard.must_roll_back:
+                        self.roll_back()
+                        metrics.truncate_after(self.step)  # the rolled-back steps' records go
+                        window, count = {}, 0
+                        continue
                     self.unet.train()
                     values = self.train_step()
                     self.step += 1
@@ -286,7 +342,8 @@ class DiffusionTrainer:
                         window, count = {}, 0
                     if self.step % tc.sample_every == 0 or self.step == tc.steps:
                         self.write_samples()
-                    stopped_by = checkpoint_or_stop(self.step, tc.steps, tc.checkpoint_every, stop, self.rt, self.save, progress.log)
+                    stopped_by = checkpoint_or_stop(self.step, tc.steps, tc.checkpoint_every, stop, self.rt, self.save, progress.log,
+                                                    lambda why: self.guard.checkpoint_refused(self.step, why, self.last_checkpoint))
                     if stopped_by:
                         break
         finally:

@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from brics_cli.config import to_dict
+from brics_cli.core.checkpoint import UnusableCheckpoint, remove_stale_writes
 from brics_cli.core.files import atomic_write_json, atomic_write_text
+from brics_cli.core.locks import folder_lock
 from brics_cli.core.runtime import Runtime, resolve_device, setup_runtime
+from brics_cli.errors import BricsError
 
 
 def _write_config(folder: Path, cfg) -> None:
@@ -25,16 +28,29 @@ def _write_config(folder: Path, cfg) -> None:
 
 
 def _resume(trainer, folder: Path, announce: bool) -> None:
-    latest = trainer.checkpoints.latest()
-    if latest is None:
+    """Resume from the newest checkpoint that is usable; one line for each newer one skipped, and why."""
+    skipped: list[str] = []
+    for path in trainer.checkpoints.newest_first():
+        try:
+            trainer.resume(path)
+        except UnusableCheckpoint as exc:  # truncated, unreadable, damaged metadata, weights that fail the check
+            skipped.append(str(exc))
+            if announce:
+                print(f"warning: skipped {exc}; trying the checkpoint before it", file=sys.stderr)
+            continue
+        if announce:
+            print(f"resuming {folder} from step {trainer.step} ({path.name})", file=sys.stderr)
         return
-    trainer.resume(latest)
-    if announce:
-        print(f"resuming {folder} from step {trainer.step} ({latest.name})", file=sys.stderr)
+    if skipped:  # there are checkpoints, none usable: starting over would overwrite them
+        raise BricsError(f"{trainer.checkpoints.folder}: no usable checkpoint ({len(skipped)} tried; newest: {skipped[0]}); "
+                         "move the folder away to start over")
 
 
 def _train(trainer, folder: Path, cfg, rt: Runtime) -> dict[str, Any] | None:
-    """Resume from the newest checkpoint, record the config, train; the result on rank 0."""
+    """Resume from the newest usable checkpoint, record the config, train; the result on rank 0."""
+    if rt.is_main:
+        for sub in ("", "samples", "checkpoints"):  # the temporaries of a run that was killed mid-write
+            remove_stale_writes(folder / sub)
     _resume(trainer, folder, announce=rt.is_main)
     if rt.is_main:
         _write_config(folder, cfg)
@@ -58,7 +74,8 @@ def train_autoencoder(cfg, recipe: Path, run_dir: Path | None, device: str, dry_
         if dry_run:
             _resume(trainer, folder, announce=False)  # the plan says where it would start
             return {"dry_run": True, **_ae_plan(recipe, folder, cfg, rt, trainer, perceptual)}
-        return _train(trainer, folder, cfg, rt)
+        with folder_lock(folder, rt):  # one writer per run folder
+            return _train(trainer, folder, cfg, rt)
     finally:
         rt.shutdown()
 
@@ -84,8 +101,7 @@ def _ae_plan(recipe, folder, cfg, rt, trainer, perceptual) -> dict[str, Any]:
 def train_diffusion(cfg, recipe: Path, ae_run: Path | None, run_dir: Path | None, device: str,
                     dry_run: bool) -> dict[str, Any] | None:
     """`brics diffusion-train`: encode the data once (cached), then train the UNet on the codes."""
-    from brics_cli.models.autoencoder import BRICSAutoencoder
-    from brics_cli.train.diffusion import DiffusionTrainer, codes_key, encode_dataset, find_ae_checkpoint
+    from brics_cli.train.diffusion import DiffusionTrainer, codes_key, find_ae_checkpoint
 
     resolve_device(device)  # a wrong --device is a usage error before anything is looked up
     folder = run_dir or Path(cfg.run.dir) / "diffusion"
@@ -98,6 +114,20 @@ def train_diffusion(cfg, recipe: Path, ae_run: Path | None, run_dir: Path | None
             return {"dry_run": True, "recipe": str(recipe), "run": str(folder), "ae_checkpoint": str(ae_ckpt),
                     "codes": str(codes_dir), "codes_cached": (codes_dir / "done.json").is_file(), "device": str(rt.device),
                     "ranks": rt.world_size, "steps": cfg.diffusion.train.steps, "batch": cfg.diffusion.optim.batch}
+        with folder_lock(folder, rt):  # one writer per run folder
+            codes, info = _cached_codes(cfg, ae_ckpt, codes_dir, rt)
+            trainer = DiffusionTrainer(cfg, folder, rt, ae_ckpt, codes, {**info, "dir": str(codes_dir), "key": key})
+            return _train(trainer, folder, cfg, rt)
+    finally:
+        rt.shutdown()
+
+
+def _cached_codes(cfg, ae_ckpt: Path, codes_dir: Path, rt: Runtime):
+    """The training split's key codes: encoded once by rank 0 into the (locked) cache, read back by the others."""
+    from brics_cli.models.autoencoder import BRICSAutoencoder
+    from brics_cli.train.diffusion import encode_dataset
+
+    with folder_lock(codes_dir, rt):
         if rt.is_main:
             if not (codes_dir / "done.json").is_file():
                 print(f"encoding {cfg.data.shards} with {ae_ckpt} -> {codes_dir}", file=sys.stderr)
@@ -107,7 +137,4 @@ def train_diffusion(cfg, recipe: Path, ae_run: Path | None, run_dir: Path | None
         rt.barrier()
         if not rt.is_main:
             codes, info = encode_dataset(None, cfg.data, codes_dir, rt.device)  # written by rank 0: read back
-        trainer = DiffusionTrainer(cfg, folder, rt, ae_ckpt, codes, {**info, "dir": str(codes_dir), "key": key})
-        return _train(trainer, folder, cfg, rt)
-    finally:
-        rt.shutdown()
+    return codes, info

@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from brics_cli.core.files import atomic_write_text, remove_stale_temporaries
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    """The metrics record on one line of metrics.jsonl; None for a partial or foreign line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        return None
+    return record
 
 
 class MetricsLog:
@@ -36,11 +50,28 @@ class MetricsLog:
                     self.tb.add_scalar(key, value, step)
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop records newer than the checkpoint so the log has no duplicate steps."""
+        """On resume (and rollback): keep the records up to `step`, so the log has no duplicate steps.
+
+        A line that is not a whole record -- half a line left by a full disk or a kill during an
+        append -- is dropped with one warning on stderr; the run then continues.
+        """
         if not (self.enabled and self.path.is_file()):
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        remove_stale_temporaries(self.path.parent, f".{self.path.name}.tmp*")  # of a rewrite that was killed
+        kept, torn = [], []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            record = _record(line)
+            if record is None:
+                torn.append(number)
+            elif record["step"] <= step:
+                kept.append(line)
+        if torn:
+            lines = ", ".join(map(str, torn[:5])) + (", ..." if len(torn) > 5 else "")
+            print(f"warning: {self.path}: dropped {len(torn)} partial or undecodable line(s) (line {lines}), "
+                  "left by an interrupted write", file=sys.stderr)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def close(self) -> None:
         if self.tb is not None:
