@@ -113,7 +113,7 @@ def demo_training(steps: int) -> dict:
     pool = codes_to_x0(proxy_codes(4096, C, R, g))
     losses, start = [], time.perf_counter()
     for _ in range(steps):
-        batch = pool[torch.randint(len(pool), (cfg.optim.batch,), generator=g)]
+        batch = pool[torch.randint(len(pool), (cfg.train.batch,), generator=g)]
         loss, terms = diffusion_loss(unet, schedule, batch, generator=g)
         optimizer.zero_grad()
         loss.backward()
@@ -122,7 +122,7 @@ def demo_training(steps: int) -> dict:
         losses.append(terms["mse"].item())
     seconds = time.perf_counter() - start
     k = max(1, steps // 10)
-    return {"steps": steps, "batch": cfg.optim.batch, "seconds_per_step": seconds / steps,
+    return {"steps": steps, "batch": cfg.train.batch, "seconds_per_step": seconds / steps,
             "mse_first_tenth": statistics.mean(losses[:k]), "mse_last_tenth": statistics.mean(losses[-k:]),
             "recipe_steps": cfg.train.steps, "recipe_minutes_estimate": seconds / steps * cfg.train.steps / 60}
 

@@ -6,7 +6,7 @@ torch.compile's compilation), images or codes per second, and the peak memory al
 - ae-train: one full step of `AETrainer.train_step` (generator + WGAN-GP discriminator, both Adam
   updates, EMA) on the church recipe at 256x256, `ae.train.bf16` on/off, `ae.train.compile` on/off;
 - diffusion-train: one step of `DiffusionTrainer.train_step` (the paper's 358M-parameter UNet on
-  64x64x4 codes), under bf16 autocast or fp32, eager or `torch.compile`d;
+  64x64x4 codes), `diffusion.train.bf16` on/off, `diffusion.train.compile` on/off;
 - sampling: DDIM codes per second with the EMA UNet (batch 64, 50 steps).
 
 `--smoke` runs the same code on the CPU with the tests' tiny recipe and two steps, so the script
@@ -73,23 +73,17 @@ def diffusion_trainer(recipe_path: Path, device, batch: int, overrides: list[str
     from brics_cli.recipe import load_recipe
     from brics_cli.train.diffusion import DiffusionTrainer
 
-    recipe = load_recipe(recipe_path, [f"diffusion.optim.batch={batch}", *overrides])
+    recipe = load_recipe(recipe_path, [f"diffusion.train.batch={batch}", *overrides])
     code = recipe.ae.code
     codes = torch.rand(4 * batch, code.channels, code.resolution, code.resolution).half()
     return DiffusionTrainer(recipe, Path("/tmp/brics-gpu-bench-diffusion"), Runtime(device), Path("none"), codes, {})
 
 
 def diffusion_train(recipe_path: Path, device, batch: int, bf16: bool, compile_: bool, warmup: int, repeats: int) -> dict:
-    trainer = diffusion_trainer(recipe_path, device, batch, [])
-    if compile_:
-        trainer.model = torch.compile(trainer.model)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-    def step():
-        with autocast:
-            trainer.train_step()
-
-    result = measure(step, device, warmup, repeats)
+    # The trainer's own flags, as a recipe sets them (bf16 autocasts on CUDA only).
+    trainer = diffusion_trainer(recipe_path, device, batch, [f"diffusion.train.bf16={str(bf16).lower()}",
+                                                            f"diffusion.train.compile={str(compile_).lower()}"])
+    result = measure(trainer.train_step, device, warmup, repeats)
     return result | {"codes_per_s": batch / result["step_s"], "batch": batch,
                      "params": sum(p.numel() for p in trainer.unet.parameters())}
 

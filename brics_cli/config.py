@@ -24,6 +24,11 @@ T = TypeVar("T")
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # integer fields end up in torch / numpy int64
 
+# Keys that moved: a recipe or override that still writes the old name is told the new one.
+RENAMED_KEYS: dict[str, tuple[str, str]] = {  # old dotted key -> (new dotted key, why)
+    "diffusion.optim.batch": ("diffusion.train.batch", "the global batch, like ae.train.batch"),
+}
+
 
 class _Origins:
     """Where each dotted key came from: 'file.yaml:LINE' or "override 'a.b=c'"."""
@@ -306,6 +311,9 @@ def build(cls: type[T], data: dict[str, Any], path: str = "", origins: _Origins 
     for key, value in data.items():
         dotted = f"{path}.{key}" if path else str(key)
         if key not in fields:
+            if dotted in RENAMED_KEYS:
+                renamed, why = RENAMED_KEYS[dotted]
+                raise ConfigError(f"{origins.of(dotted)}: {dotted} is now {renamed} ({why})")
             hint = closest(str(key), list(fields))
             suggestion = f"; did you mean '{(path + '.') if path else ''}{hint}'?" if hint else ""
             valid = ", ".join(fields)
@@ -344,6 +352,30 @@ def load_config(cls: type[T], path: str | Path, overrides: list[str] | tuple[str
         origins.where[key] = origin
         _set_dotted(data, key, value, origin)
     return build(cls, data, "", origins)
+
+
+def move_renamed_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a stored whole-recipe config (an older checkpoint's `config`) with the keys of
+    `RENAMED_KEYS` moved to their new names, so `build` reads it; where both are there the new one wins."""
+
+    def copy(value: Any) -> Any:
+        return {k: copy(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    tree = copy(tree)
+    for old, (new, _why) in RENAMED_KEYS.items():
+        *parents, leaf = old.split(".")
+        node: Any = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        *new_parents, new_leaf = new.split(".")
+        target = tree
+        for part in new_parents:
+            target = target.setdefault(part, {})
+        target.setdefault(new_leaf, value)
+    return tree
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

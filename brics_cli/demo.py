@@ -29,7 +29,7 @@ from typing import Any, Callable
 from brics_cli import __version__
 from brics_cli.errors import BricsError
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
+RECIPE = Path(__file__).resolve().parent / "recipes" / "demo.yaml"  # package data: there in a wheel install too
 
 
 @dataclass
@@ -53,7 +53,7 @@ def plan(out: Path, quick: bool, recipe: Path = RECIPE) -> list[Stage]:
     common = [str(recipe), f"data.shards={shards}", f"run.dir={run}"]
     ae_quick = ["ae.train.steps=40", "ae.train.batch=8", "ae.train.sample_every=20", "ae.train.checkpoint_every=20",
                 "ae.train.log_every=10", "ae.train.eval_images=32"]
-    diff_quick = ["diffusion.train.steps=30", "diffusion.optim.batch=16", "diffusion.train.sample_every=30",
+    diff_quick = ["diffusion.train.steps=30", "diffusion.train.batch=16", "diffusion.train.sample_every=30",
                   "diffusion.train.checkpoint_every=30", "diffusion.train.log_every=10"]
     shard_args = ["shard", "demo", "--out", str(shards), "--workers", "2"]
     if quick:

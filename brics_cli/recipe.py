@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from brics_cli.config import load_config, to_dict
+from brics_cli.errors import ConfigError
+from brics_cli.registry import closest
 from brics_cli.data.config import DataConfig
 from brics_cli.diffusion.config import DiffusionStageConfig
 from brics_cli.models.autoencoder import AutoencoderConfig
@@ -58,9 +60,38 @@ class Recipe:
         self.diffusion.model.check_resolution(self.ae.code.resolution)
 
 
+PRESETS = Path(__file__).resolve().parent / "recipes"  # shipped in the wheel (package data)
+
+
+def presets() -> dict[str, Path]:
+    """The packaged recipes by name: church, demo, ffhq, webvid."""
+    return {p.stem: p for p in sorted(PRESETS.glob("*.yaml"))}
+
+
+def describe_preset(path: Path) -> str:
+    """A preset's first comment line: what it is."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe file, or the name of a packaged preset (`church`, `demo`, ...) when no such file exists."""
+    path = Path(path)
+    if path.exists() or path.suffix or len(path.parts) > 1:
+        return path
+    known = presets()
+    if str(path) in known:
+        return known[str(path)]
+    hint = closest(str(path), list(known))
+    raise ConfigError(f"recipe '{path}' is neither a file nor a preset; presets: {', '.join(known)}"
+                      + (f"; did you mean '{hint}'?" if hint else "") + " (`brics recipes list`)")
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe file with `section.key=value` overrides; strict about keys and types."""
-    return load_config(Recipe, path, overrides)
+    """Read a recipe file or preset with `section.key=value` overrides; strict about keys and types."""
+    return load_config(Recipe, resolve_recipe(path), overrides)
 
 
 def _lookup(tree: dict[str, Any], dotted: str) -> Any:

@@ -21,3 +21,14 @@ def tiny_shards(tmp_path_factory) -> Path:
         check=True, capture_output=True,
     )
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: threads only add overhead (and thrash when other jobs share the 2 cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -62,18 +62,20 @@ def test_kill_9_after_a_checkpoint_then_rerun_equals_a_straight_run(tmp_path, ti
     assert [json.loads(line)["step"] for line in lines] == [2, 4, 6, 8, 10, 12]  # no duplicates after resume
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_0(tmp_path, tiny_shards):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_sigterm_writes_a_checkpoint_and_exits_0(sig, tmp_path, tiny_shards):
+    # SIGUSR1: what SLURM's --signal sends before the time limit.
     run = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(tiny_shards, run, "ae.train.steps=400", "ae.train.checkpoint_every=1000"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "metrics.jsonl").is_file():
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     result = json.loads(out.splitlines()[-1])
-    assert result["stopped_by"] == "SIGTERM" and 2 <= result["step"] < 400
+    assert result["stopped_by"] == sig.name and 2 <= result["step"] < 400
     assert ckpt.CheckpointDir(run / "checkpoints").steps() == [result["step"]]
     assert "rerun the same command" in err
 

@@ -32,6 +32,29 @@ def test_there_are_commands():
     assert ("info",) in COMMANDS and ("plugins", "list") in COMMANDS
 
 
+def test_help_lists_the_commands_in_pipeline_order():
+    group = typer.main.get_command(app)
+    listed = group.list_commands(None)
+    assert listed[:5] == ["shard", "ae-train", "reconstruct", "diffusion-train", "sample"] and set(listed) == set(group.commands)
+    out = runner.invoke(app, ["--help"], env={"COLUMNS": "80"}).output
+    assert out.index("shard ") < out.index("ae-train") < out.index("sample ") < out.index("eval ") < out.index("info ")
+
+
+def _help_texts(group, prefix=()):
+    for name, command in group.commands.items():
+        if command.help:
+            yield (*prefix, name), command.help
+        if hasattr(command, "commands"):
+            yield from _help_texts(command, (*prefix, name))
+
+
+def test_help_texts_are_paragraphs_not_hard_wrapped_lines():
+    # A docstring's line breaks would break sentences mid-line at any terminal width but the source's.
+    broken = [path for path, text in _help_texts(typer.main.get_command(app))
+              if any("\n" in paragraph for paragraph in text.split("\n\n"))]
+    assert not broken, broken
+
+
 @pytest.mark.parametrize("path", COMMANDS, ids=" ".join)
 def test_every_command_has_help_and_a_readme_example(path):
     result = runner.invoke(app, [*path, "--help"])

@@ -28,15 +28,6 @@ T_GRID = torch.linspace(0, 1, 1001, dtype=F64)
 T_DISCRETE = (torch.arange(1000, dtype=F64) + 1) / 1000
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: threads only add overhead (and thrash when other jobs share the 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --- schedules --------------------------------------------------------------------------------------
 
 
@@ -371,7 +362,7 @@ def test_recipes_carry_the_paper_diffusion_config():
     assert church.model.model_channels == 256 and church.model.channel_mult == (1, 2, 3, 4)
     assert church.model.attention_resolutions == (32, 16, 8) and church.model.num_res_blocks == 2
     assert church.schedule.name == "cosine-variant" and (church.schedule.start, church.schedule.tau) == (0.2, 1.5)
-    assert church.optim.lr == 8e-4 and church.optim.batch == 64 and church.optim.ema == 0.9999
+    assert church.optim.lr == 8e-4 and church.train.batch == 64 and church.optim.ema == 0.9999
     switched = load_recipe("recipes/church.yaml", ["diffusion.schedule.name=cosine", "diffusion.schedule.min_snr_gamma=5"])
     assert isinstance(build_schedule(switched.diffusion.schedule), CosineSchedule)
     assert switched.diffusion.schedule.min_snr_gamma == 5.0

@@ -92,13 +92,14 @@ def test_checkpoint_names_the_missing_decoder_plugin(tmp_path, tiny_shards):
 
 def test_torchrun_two_cpu_ranks_split_the_images_and_agree_with_one_process(tmp_path, trained, tiny_shards):
     args = ["reconstruct", "--run", str(trained), "--input", str(tiny_shards), "--n", "7", "--batch", "2", "--usage", "--json"]
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # as each rank below: thread counts change the last bits
     single = subprocess.run([sys.executable, "-m", "brics_cli", *args, "--out", str(tmp_path / "one")],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, env=one_thread)
     assert single.returncode == 0, single.stderr
     # `--` keeps torchrun's parser off brics' options (it reads `--n` and `--run` as abbreviations of its own).
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "brics_cli", "--", *args, "--out", str(tmp_path / "two")]
-    multi = subprocess.run(torchrun, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    multi = subprocess.run(torchrun, capture_output=True, text=True, timeout=300, env=one_thread)
     assert multi.returncode == 0, multi.stderr[-3000:]
     lines = [line for line in multi.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1  # rank 0 alone prints

@@ -49,7 +49,9 @@ def brics(*args, file_limit: int | None = None, kill: bool = False) -> subproces
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
 
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # a .pyc write must not be what fails
+    # A .pyc write must not be what fails, nor TensorBoard's event files (its own thread): the writer
+    # under test is the one each test names.
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "BRICS_TENSORBOARD": "0"}
     start = ["-c", KILLED_BY_THE_KERNEL] if kill else ["-m", "brics_cli"]
     return subprocess.run([sys.executable, *start, *map(str, args)], capture_output=True, text=True, preexec_fn=limit, env=env)
 

@@ -8,17 +8,33 @@ Errors meant for the user (`BricsError`) print one line and exit 1 (runtime) or 
 from __future__ import annotations
 
 import errno
+import inspect
 import os
 import sys
+import threading
 
 import typer
+import typer.core
 
 from brics_cli import __version__
-from brics_cli.cli import ae_train, demo, diffusion_train, info, nn_search, plugins, reconstruct, sample, shard, weights
+from brics_cli.cli import ae_train, demo, diffusion_train, info, nn_search, plugins, reconstruct, recipes, sample, shard, weights
 from brics_cli.cli import eval as eval_cli
 from brics_cli.errors import BricsError
 
+PIPELINE_ORDER = ("shard", "ae-train", "reconstruct", "diffusion-train", "sample", "eval", "nn-search", "demo", "info",
+                  "recipes", "weights", "plugins")
+
+
+class PipelineOrder(typer.core.TyperGroup):
+    """`brics --help` lists the commands in the order a user runs them, not alphabetically."""
+
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        return [n for n in PIPELINE_ORDER if n in names] + [n for n in names if n not in PIPELINE_ORDER]
+
+
 app = typer.Typer(
+    cls=PipelineOrder,
     name="brics",
     help="BRICS: bi-level feature representation of image collections -- from raw images to samples "
     "and the paper's tables. Run `brics COMMAND --help` for details.",
@@ -55,9 +71,32 @@ app.add_typer(shard.app, name="shard")
 app.command("eval")(eval_cli.eval_command)
 app.command("nn-search")(nn_search.nn_search_command)
 app.add_typer(weights.app, name="weights")
+app.add_typer(recipes.app, name="recipes")
+
+
+def reflow(doc: str | None) -> str | None:
+    """A docstring as help text: paragraphs kept, the line breaks inside them joined (the terminal wraps)."""
+    if not doc:
+        return doc
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
+
+
+for _typer in (app, plugins.app, weights.app, recipes.app):
+    for _info in _typer.registered_commands:
+        _info.help = _info.help or reflow(_info.callback.__doc__)
+
+
+def _report_thread_failure(args) -> None:
+    """Background writers (TensorBoard's event thread) hit a full disk too: one warning line, not a traceback."""
+    exc = args.exc_value
+    if isinstance(exc, OSError) and exc.errno in FILE_SYSTEM_ERRORS and not os.environ.get("BRICS_DEBUG"):
+        print(f"warning: a background writer failed: {file_system_message(exc)}", file=sys.stderr)
+    else:
+        threading.__excepthook__(args)
 
 
 def main() -> None:
+    threading.excepthook = _report_thread_failure
     try:
         app()
     except BricsError as exc:

@@ -11,7 +11,7 @@ from brics_cli.cli.output import emit_json, print_plan
 
 
 def ae_train(
-    recipe: Path = typer.Argument(..., help="Recipe YAML, e.g. recipes/demo.yaml."),
+    recipe: Path = typer.Argument(..., help="A recipe file or preset name (`brics recipes list`), e.g. demo or my.yaml."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Overrides `section.key=value`, e.g. ae.train.steps=500."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (default: RUN.DIR/ae from the recipe)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto. Under torchrun each rank takes its LOCAL_RANK GPU."),

@@ -12,7 +12,7 @@ from brics_cli.cli.output import emit_json, print_plan
 
 
 def diffusion_train(
-    recipe: Path = typer.Argument(..., help="Recipe YAML, e.g. recipes/demo.yaml."),
+    recipe: Path = typer.Argument(..., help="A recipe file or preset name (`brics recipes list`), e.g. demo or my.yaml."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Overrides `section.key=value`, e.g. diffusion.train.steps=500."),
     ae_run: Optional[Path] = typer.Option(None, "--ae-run", help="The autoencoder run (default: RUN.DIR/ae)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (default: RUN.DIR/diffusion)."),

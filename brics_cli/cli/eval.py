@@ -29,11 +29,15 @@ def eval_command(
 ) -> None:
     """Measure generated images like the paper's Tables 4/5 (FID, IS, KID and precision/recall through
     torch-fidelity; CLIP-FID through clean-fid), or reconstructions like Table 2 (PSNR, SSIM, LPIPS).
-    The result, with its protocol, is also written to DIR/eval-METRIC.json."""
+    The result, with its protocol, is also written to DIR/eval-METRIC.json. Under torchrun the ranks
+    share the images and give the numbers of one process."""
     from brics_cli.eval.commands import run_eval
 
-    result, out = run_eval(metric, samples, ref, split=split, n=n, n_ref=n_ref, batch=batch, workers=workers, device=device,
-                           runs=runs, lpips_net=lpips_net)
+    written = run_eval(metric, samples, ref, split=split, n=n, n_ref=n_ref, batch=batch, workers=workers, device=device,
+                       runs=runs, lpips_net=lpips_net)
+    if written is None:  # under torchrun, not rank 0: rank 0 prints
+        return
+    result, out = written
     if json_output:
         emit_json(result)
     else:

@@ -11,7 +11,7 @@ from brics_cli.cli.output import emit_json, human_count
 
 
 def info(
-    recipe: Path = typer.Argument(..., help="Recipe YAML, e.g. recipes/church.yaml."),
+    recipe: Path = typer.Argument(..., help="A recipe file or preset name (`brics recipes list`), e.g. church or my.yaml."),
     overrides: Optional[List[str]] = typer.Argument(None, help="section.key=value overrides, e.g. ae.grid.levels=8."),
     memory: bool = typer.Option(False, "--memory", help="Also measure peak memory of one retrieval training step (batch 1)."),
     device: str = typer.Option("cpu", "--device", help="Device for --memory: cpu or cuda."),

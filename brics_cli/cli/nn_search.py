@@ -28,11 +28,15 @@ def nn_search_command(
 ) -> None:
     """For each sample, its k nearest training images: a cheap lower-bound embedding picks --candidates images
     with blockwise matrix products, their exact distance (LPIPS-AlexNet or L2) re-ranks them; --exact is brute
-    force. Writes nn.json {"metric", "k", "queries": [{"sample", "neighbours": [{"key", "distance"}]}]} and nn-grid.png."""
+    force. Writes nn.json {"metric", "k", "queries": [{"sample", "neighbours": [{"key", "distance"}]}]} and nn-grid.png.
+    Under torchrun the ranks share the search and give the neighbours of one process."""
     from brics_cli.eval.commands import run_nn_search
 
-    report, out = run_nn_search(samples, ref, split=split, k=k, queries=queries, metric=metric, candidates=candidates,
-                                exact=exact, grid_rows=grid_rows, out=out, batch=batch, device=device, runs=runs)
+    written = run_nn_search(samples, ref, split=split, k=k, queries=queries, metric=metric, candidates=candidates,
+                            exact=exact, grid_rows=grid_rows, out=out, batch=batch, device=device, runs=runs)
+    if written is None:  # under torchrun, not rank 0: rank 0 prints
+        return
+    report, out = written
     s = report["search"]
     if json_output:
         emit_json({"out": str(out), "queries": len(report["queries"]),

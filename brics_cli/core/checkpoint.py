@@ -195,35 +195,3 @@ def load_optimizer_state(opt: torch.optim.Optimizer, prefix: str, tensors: dict[
             group["betas"] = tuple(group["betas"])
     opt.load_state_dict({"state": state, "param_groups": groups})
 
-
-# -- RNG state ------------------------------------------------------------------------------------
-
-
-def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    import random
-
-    import numpy as np
-
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    np_state = np.random.get_state()
-    meta = {
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-    }
-    return tensors, meta
-
-
-def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    version, state, gauss = meta["python"]
-    random.setstate((version, tuple(state), gauss))
-    name, keys, *rest = meta["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))

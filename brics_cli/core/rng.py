@@ -49,10 +49,12 @@ def local_state(generators: dict[str, torch.Generator] | None = None) -> tuple[d
     return tensors, {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
 
 
-def gather_states(rt, generators: dict[str, torch.Generator] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Every rank's states in checkpoint form (`rng.r<rank>.<name>` tensors, {"ranks": [...]} metadata).
+def gather_states(rt, generators: dict[str, torch.Generator] | None = None, **extra: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every rank's states in checkpoint form (`rng.r<rank>.<name>` tensors, {"ranks": [...]} metadata),
+    with `extra` JSON-able per-rank values (e.g. `data=` the reading position) in each rank's entry.
     A collective under torchrun: every rank must call it; rank 0 writes the result."""
     tensors, meta = local_state(generators)
+    meta.update(extra)
     parts = [(tensors, meta)]
     if rt.distributed:
         import torch.distributed as dist
@@ -64,15 +66,16 @@ def gather_states(rt, generators: dict[str, torch.Generator] | None = None) -> t
 
 
 def restore_states(tensors: dict[str, torch.Tensor], meta: dict[str, Any], rank: int,
-                   generators: dict[str, torch.Generator] | None = None) -> bool:
-    """Restore `rank`'s states from a checkpoint; False when the checkpoint has none for it (a new rank).
+                   generators: dict[str, torch.Generator] | None = None) -> dict[str, Any] | None:
+    """Restore `rank`'s states from a checkpoint and return its entry (with any `extra` values);
+    None when the checkpoint has none for it (a rank its run did not have).
 
     Checkpoints from before per-rank states (`rng.torch`, metadata {"python", "numpy"}) count as rank 0's."""
     if "ranks" not in meta:  # the single-stream layout of earlier versions
         tensors = {f"rng.r0.{k[4:]}": v for k, v in tensors.items() if k.startswith("rng.")}
         meta = {"ranks": [meta]}
     if rank >= len(meta["ranks"]):
-        return False
+        return None
     prefix = f"rng.r{rank}."
     mine = {k[len(prefix):]: v.cpu() for k, v in tensors.items() if k.startswith(prefix)}
     torch.set_rng_state(mine["torch"])
@@ -85,4 +88,4 @@ def restore_states(tensors: dict[str, torch.Tensor], meta: dict[str, Any], rank:
     random.setstate((version, tuple(state), gauss))
     name, keys, *rest = meta["ranks"][rank]["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-    return True
+    return meta["ranks"][rank]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+from datetime import timedelta
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,16 @@ class Runtime:
 
     def shutdown(self) -> None:
         if self.distributed and dist.is_initialized():
+            # Every rank done with its collectives before the group goes: a rank that tears gloo down
+            # while another is still in one can abort the process ("terminate called without an
+            # active exception"). Bounded, so a rank that died already cannot hang the others.
+            try:
+                if dist.get_backend() == "gloo":
+                    dist.monitored_barrier(timeout=timedelta(seconds=60))
+                else:
+                    dist.barrier()
+            except Exception:  # another rank is gone: nothing left to wait for
+                pass
             dist.destroy_process_group()
 
 

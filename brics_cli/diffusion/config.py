@@ -3,8 +3,8 @@
     diffusion:
       model:    {model_channels: 256, channel_mult: [1, 2, 3, 4], ...}     brics_cli/models/unet.py
       schedule: {name: cosine-variant, start: 0.2, end: 1.0, tau: 1.5}     a SCHEDULES entry
-      optim:    {lr: 8.0e-4, warmup_steps: 10000, decay_steps: 1000000, ema: 0.9999, batch: 64}
-      train:    {steps, log_every, sample_every, checkpoint_every}
+      optim:    {lr: 8.0e-4, warmup_steps: 10000, decay_steps: 1000000, ema: 0.9999}
+      train:    {steps, batch: 64, micro_batch, bf16, compile, log_every, sample_every, checkpoint_every}
       sample:   {sampler: ddpm, steps: 1000, eta: 0.0, clip_x0: true}      a SAMPLERS entry
 
 `schedule` is resolved through the registry by its `name` like `ae.decoder`: its other keys are the
@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
-from brics_cli.errors import RegistryError
+from brics_cli.errors import ConfigError, RegistryError
 from brics_cli.models.unet import UNetConfig
 from brics_cli.registry import SAMPLERS, SCHEDULES
 
@@ -38,7 +38,6 @@ class DiffusionOptimConfig:
     decay_steps: int = 1_000_000  # cosine decay over 1e6 iterations (training stops at 400k in the paper)
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
     ema: float = 0.9999  # EMA decay of the weights used for sampling; 0 = no EMA
-    batch: int = 64  # global batch
     grad_clip: float | None = None  # max global gradient norm; null = no clipping
 
     def validate(self) -> None:
@@ -52,8 +51,6 @@ class DiffusionOptimConfig:
             raise ValueError(f"diffusion.optim.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"diffusion.optim.ema must lie in [0, 1), got {self.ema}")
-        if self.batch < 1:
-            raise ValueError(f"diffusion.optim.batch must be >= 1, got {self.batch}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"diffusion.optim.grad_clip must be > 0 or null, got {self.grad_clip}")
 
@@ -61,6 +58,10 @@ class DiffusionOptimConfig:
 @dataclass
 class DiffusionTrainConfig:
     steps: int = 400_000  # the paper's 400k iterations
+    batch: int = 64  # global batch over all ranks (Suppl. A.6), as ae.train.batch
+    micro_batch: int | None = None  # per rank and forward pass; None: batch / ranks (no accumulation)
+    bf16: bool = False  # autocast on CUDA; the loss, the optimiser and the EMA stay fp32
+    compile: bool = False  # torch.compile the training model (the DDP-wrapped UNet under torchrun)
     seed: int = 0
     keep: int = 3  # checkpoints kept
     log_every: int = 100
@@ -72,8 +73,23 @@ class DiffusionTrainConfig:
     def validate(self) -> None:
         if min(self.steps, self.log_every, self.sample_every, self.checkpoint_every, self.max_bad_steps) < 1:
             raise ValueError("diffusion.train.steps, max_bad_steps and the *_every intervals must be >= 1")
+        if self.batch < 1:
+            raise ValueError(f"diffusion.train.batch must be >= 1, got {self.batch}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError(f"diffusion.train.micro_batch must be >= 1 or null, got {self.micro_batch}")
         if self.max_rollbacks < 0:
             raise ValueError(f"diffusion.train.max_rollbacks must be >= 0, got {self.max_rollbacks}")
+
+    def accumulation(self, world_size: int) -> tuple[int, int]:
+        """(micro-batch per rank, accumulation steps) so that micro * accum * ranks == batch (as ae.train)."""
+        if self.batch % world_size:
+            raise ConfigError(f"diffusion.train.batch={self.batch} is not divisible by the {world_size} ranks")
+        per_rank = self.batch // world_size
+        micro = self.micro_batch or per_rank
+        if per_rank % micro:
+            raise ConfigError(f"diffusion.train.micro_batch={micro} does not divide the per-rank batch {per_rank} "
+                              f"(= diffusion.train.batch {self.batch} / {world_size} ranks)")
+        return micro, per_rank // micro
 
 
 @dataclass

@@ -33,18 +33,22 @@ def x0_to_codes(x0: Tensor) -> Tensor:
 
 
 def diffusion_loss(
-    model: EpsModel, schedule: Schedule, x0: Tensor, generator: torch.Generator | None = None
+    model: EpsModel, schedule: Schedule, x0: Tensor, generator: torch.Generator | None = None,
+    t: Tensor | None = None, eps: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Weighted epsilon MSE for a batch x0 (B, C, H, W) on [-1, 1].
 
     Returns (loss, terms); terms holds detached scalars: `mse` (unweighted epsilon MSE), `weight`
     (mean loss weight) and `loss`. With `generator`, t and eps are drawn from it (on its device) and
-    moved to x0's device, so a test can repeat a step exactly.
+    moved to x0's device, so a test can repeat a step exactly; `t` (B,) and `eps` (like x0) may also
+    be given, e.g. drawn once for a batch that is then split into micro-batches.
     """
     B = x0.shape[0]
     device = generator.device if generator is not None else x0.device
-    t = torch.rand(B, generator=generator, device=device).to(x0.device)  # [B]
-    eps = torch.randn(x0.shape, generator=generator, device=device).to(x0.device, x0.dtype)
+    if t is None:
+        t = torch.rand(B, generator=generator, device=device).to(x0.device)  # [B]
+    if eps is None:
+        eps = torch.randn(x0.shape, generator=generator, device=device).to(x0.device, x0.dtype)
     shape = (B,) + (1,) * (x0.dim() - 1)
     x_t = schedule.alpha(t).view(shape) * x0 + schedule.sigma(t).view(shape) * eps
     per_sample = (model(x_t, schedule.logsnr(t)).float() - eps.float()).square().flatten(1).mean(1)  # [B]

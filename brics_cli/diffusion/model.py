@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from brics_cli.config import build
+from brics_cli.config import build, move_renamed_keys
 from brics_cli.core import checkpoint as ckpt
 from brics_cli.diffusion.config import DiffusionStageConfig
 from brics_cli.diffusion.schedules import Schedule, build_schedule
@@ -31,7 +31,7 @@ class DiffusionModel:
         if meta.get("kind") != "diffusion":
             raise BricsError(f"{path}: a '{meta.get('kind')}' checkpoint, not a diffusion one")
         try:
-            stage = build(DiffusionStageConfig, meta["config"]["diffusion"], "diffusion")
+            stage = build(DiffusionStageConfig, move_renamed_keys(meta["config"])["diffusion"], "diffusion")  # older runs: old key names
             C, H, W = meta["code_shape"]
         except (KeyError, TypeError, ValueError) as exc:
             raise BricsError(f"{path}: malformed brics metadata (no usable config.diffusion / code_shape: {exc!r})") from exc

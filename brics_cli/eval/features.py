@@ -14,7 +14,8 @@ Each loads its weight file through `weights.require_all` (never a download). Tes
 `Extractor`s (real networks with fixed random weights) through the same path. Features of a set of
 images are cached (`cached_features`), keyed by the set's fingerprint and the extractor (incl. its
 weight sha256). A file that does not decode is left out and named (`extract(..., unreadable=)`);
-the decoding runs in the DataLoader workers, so the failure is caught there, per file.
+the decoding runs in the DataLoader workers, so the failure is caught there, per file. Under
+torchrun each rank extracts a block of whole batches and the blocks are gathered (ranks.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from brics_cli.core.runtime import Runtime
 from brics_cli.errors import BricsError
+from brics_cli.eval.ranks import batch_block, everywhere, gather
 from brics_cli.nets import weights
 
 
@@ -194,25 +197,62 @@ def cached_features(
     extractor: Extractor,
     network_factory: Callable[[], Callable],
     unreadable: dict[str, str] | None = None,
-    **extract_kwargs,
+    *,
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: Callable[[int], None] | None = None,
+    rt: Runtime | None = None,
 ) -> tuple[dict[str, np.ndarray], bool]:
     """Features of `files` from `cache_dir` if this set and extractor were seen before; else extracted and stored.
 
     Returns (features, cache_hit). `network_factory` is called only on a miss. Unreadable files are
     recorded in `unreadable` (see `extract`); features of a set with unreadable files are not cached:
-    a cache hit could not name them.
+    a cache hit could not name them. Under torchrun (`rt`) each rank extracts a block of whole
+    batches (ranks.py) and every rank gets all the features; rank 0 alone writes the cache.
     """
     key = hashlib.sha256(f"{fingerprint}:{len(files)}".encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"features-{extractor.cache_key()}-{key}.npz"
-    if path.is_file():
-        with np.load(path) as data:
-            if all(name in data for name in extractor.features):
-                return {name: data[name] for name in extractor.features}, True
-    found: dict[str, str] = {}
-    feats = extract(files, extractor, network_factory(), unreadable=None if unreadable is None else found, **extract_kwargs)
+    cached = _read_cache(path, extractor.features)
+    if everywhere(rt, cached is not None):  # one decision for all ranks: they meet in the same gathers
+        return cached, True
+    rows = batch_block(len(files), batch_size, rt)
+
+    def my_share() -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        found: dict[str, str] = {}
+        if not rows:
+            return {}, found
+        feats = extract([files[i] for i in rows], extractor, network_factory(), device, batch_size, workers, progress,
+                        None if unreadable is None else found)
+        return feats, found
+
+    parts = gather(rt, my_share)
+    if progress is not None:
+        progress(len(files) - len(rows))  # the other ranks' images
+    feats = {name: _stack_rows([p[name] for p, _ in parts if p]) for name in extractor.features}
+    found = {name: reason for _, part in parts for name, reason in part.items()}  # in file order: blocks in rank order
     if found:
         unreadable.update(found)
         return feats, False
+    if rt is None or rt.is_main:
+        _write_cache(path, feats)
+    return feats, False
+
+
+def _stack_rows(blocks: list[np.ndarray]) -> np.ndarray:
+    """Row blocks (N_i, D) -> (N, D); an empty block (a rank whose images were all unreadable) is left out."""
+    blocks = [b for b in blocks if len(b)]
+    return np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
+
+
+def _read_cache(path: Path, names: Sequence[str]) -> dict[str, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        return {name: data[name] for name in names} if all(name in data for name in names) else None
+
+
+def _write_cache(path: Path, feats: dict[str, np.ndarray]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
@@ -220,4 +260,3 @@ def cached_features(
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only folder: features are simply not cached
-    return feats, False

@@ -8,7 +8,8 @@ the reference once. Unreadable files are left out and named ("unreadable" in the
 `MAX_UNREADABLE` of a set no metric is reported (the generated images are checked before the
 reference is read). The result carries its protocol: what was compared, how many, which weights
 (sha256), libraries, device, and every departure from the paper's protocol (Sec. 4, Suppl. F:
-50k generated images against the training set).
+50k generated images against the training set). Under torchrun the ranks share the feature
+extraction (ranks.py) and rank 0 computes the metrics: the numbers of one process.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from brics_cli.core.runtime import Runtime
 from brics_cli.errors import ConfigError
 from brics_cli.eval import metrics as M
 from brics_cli.nets import weights
@@ -64,11 +66,11 @@ def library_versions() -> dict[str, str | None]:
 
 
 def _features(image_set: ImageSet, extractor: Extractor, device, batch_size, workers, progress: ProgressFactory | None, label: str,
-              unreadable: dict[str, str]):
+              unreadable: dict[str, str], rt: Runtime | None):
     advance = progress(label, len(image_set.files)) if progress else None
     feats, cache_hit = cached_features(
         image_set.files, image_set.fingerprint, cache_root() / "features", extractor, lambda: extractor.load(device),
-        unreadable, device=device, batch_size=batch_size, workers=workers, progress=advance,
+        unreadable, device=device, batch_size=batch_size, workers=workers, progress=advance, rt=rt,
     )
     if cache_hit and advance is not None:
         advance(len(image_set.files))
@@ -86,9 +88,11 @@ def evaluate(
     workers: int = 0,
     reference_is_recorded: bool = True,
     progress: ProgressFactory | None = None,
-) -> dict:
+    rt: Runtime | None = None,
+) -> dict | None:
     """`{METRIC: VALUE, ..., "protocol": {...}}` for the metrics asked (keys fid, clip_fid, is_mean, is_std,
-    kid_mean, kid_std, precision, recall, f1)."""
+    kid_mean, kid_std, precision, recall, f1). Under torchrun (`rt`) the ranks share the feature
+    extraction; rank 0 alone computes the metrics from the gathered features, the others return None."""
     extractors = extractors or production_extractors()
     needed = {NEEDS[m][0] for m in metric_names}
     needs_reference = any(m != "is" for m in metric_names)
@@ -101,15 +105,18 @@ def evaluate(
     gen, ref = {}, {}
     found: dict[str, dict[str, str]] = {"generated": {}, "reference": {}}  # file name -> "PATH: reason"
     for name in sorted(needed):
-        gen[name] = _features(samples, extractors[name], device, batch_size, workers, progress, f"{name} samples", found["generated"])
+        gen[name] = _features(samples, extractors[name], device, batch_size, workers, progress, f"{name} samples",
+                              found["generated"], rt)
     unreadable = {"generated": unreadable_report("generated images", len(samples.files), found["generated"], samples.repair_hint())}
     if needs_reference:
         for name in sorted(needed):
             if any(NEEDS[m][0] == name and m != "is" for m in metric_names):
                 ref[name] = _features(reference, extractors[name], device, batch_size, workers, progress, f"{name} reference",
-                                      found["reference"])
+                                      found["reference"], rt)
         unreadable["reference"] = unreadable_report("reference images", len(reference.files), found["reference"],
                                                     reference.repair_hint())
+    if rt is not None and not rt.is_main:
+        return None
 
     result: dict = {}
     kid_size = None

@@ -17,6 +17,10 @@ Two stages, so a 126k-image training set does not need 126k LPIPS evaluations pe
 
 `exact=True` computes the exact distance to every reference image (brute force).
 
+Under torchrun the ranks share the work in units one process uses too (ranks.py): the reference
+embedding and the brute force by blocks of `batch` reference images, the re-ranking by groups of
+queries; rank 0 writes nn.json, nn-grid.png and the embedding cache.
+
 An image that does not decode is data, not a crash: an unreadable sample is no query, an unreadable
 reference image is at infinite distance (its cached embedding row is NaN), and both are named in
 nn.json's "search" -> "unreadable"; past `MAX_UNREADABLE` of either set no neighbours are reported.
@@ -25,6 +29,7 @@ nn.json's "search" -> "unreadable"; past `MAX_UNREADABLE` of either set no neigh
 from __future__ import annotations
 
 import hashlib
+import os
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +40,16 @@ import torch
 from torch.nn import functional as F
 
 from brics_cli.core.images import ImageSkip, from_uint8, load_image, to_uint8
+from brics_cli.core.runtime import Runtime
+from brics_cli.eval.ranks import batch_block, everywhere, gather
 
-QUERY_CHUNK = 256  # samples searched at once: bounds memory whatever the number of samples
+QUERY_CHUNK = 256  # samples searched at once by brute force: bounds memory whatever the number of samples
+RERANK_IMAGES = 512  # candidate images decoded and compared at once in the two-stage search
+
+
+def rerank_group(m: int) -> int:
+    """Queries whose m candidates each are decoded and compared together."""
+    return max(1, RERANK_IMAGES // m)
 
 
 class L2Distance:
@@ -184,17 +197,19 @@ class SearchResult:
     stats: dict = field(default_factory=dict)
 
 
-def embeddings(bank: ImageBank, metric, batch: int, progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """(N, E) embeddings of every image of the bank, in batches."""
+def embeddings(bank: ImageBank, metric, batch: int, progress: Callable[[int], None] | None = None,
+               rows: range | None = None) -> torch.Tensor:
+    """(N, E) embeddings of every image of the bank (or of `rows`, batches starting at rows.start), in batches."""
+    rows = range(len(bank)) if rows is None else rows
     parts = []
-    for start in range(0, len(bank), batch):
-        idx = range(start, min(start + batch, len(bank)))
+    for start in range(rows.start, rows.stop, batch):
+        idx = range(start, min(start + batch, rows.stop))
         e = metric.embed(metric.features(bank.get(idx))).double().cpu()
         e[bank.excluded(torch.as_tensor(idx))] = float("nan")  # an unreadable image has no embedding (and keeps none in the cache)
         parts.append(e)
         if progress is not None:
             progress(len(idx))
-    return torch.cat(parts)
+    return torch.cat(parts) if parts else torch.empty(0, 0, dtype=torch.float64)
 
 
 def top_candidates(eq: torch.Tensor, er: torch.Tensor, m: int, block: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,19 +242,21 @@ def search(
     batch: int = 64,
     reference_embeddings: torch.Tensor | None = None,
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    reference_rows: range | None = None,
 ) -> SearchResult:
-    """The k nearest reference images of each query (Q, 3, H, W) in [-1, 1]."""
+    """The k nearest reference images of each query (Q, 3, H, W) in [-1, 1]. `exact` with
+    `reference_rows`: the k nearest among those rows (a rank's share; `merge_nearest` joins the shares)."""
     n_ref, n_q = len(bank), queries.shape[0]
     k = min(k, n_ref)
     q_feats = metric.features(queries)
     if exact:
-        return _brute_force(q_feats, bank, metric, k, batch, progress)
+        return _brute_force(q_feats, bank, metric, k, batch, progress, range(n_ref) if reference_rows is None else reference_rows)
     m = min(max(candidates, k), n_ref)
     if reference_embeddings is None:
         reference_embeddings = embeddings(bank, metric, batch, progress("embed reference", n_ref) if progress else None)
     bounds, cand = top_candidates(metric.embed(q_feats).double().cpu(), reference_embeddings, min(m + 1, n_ref))
     advance = progress("exact distances", n_q) if progress else None
-    chunk = max(1, 512 // m)  # queries whose candidates are decoded and compared together
+    chunk = rerank_group(m)
     out_i, out_d = [], []
     for start in range(0, n_q, chunk):
         qs = slice(start, min(start + chunk, n_q))
@@ -263,23 +280,34 @@ def search(
     return SearchResult(indices, distances, certified, n_q * m, m, "two-stage")
 
 
-def _brute_force(q_feats, bank: ImageBank, metric, k: int, batch: int, progress) -> SearchResult:
-    n_ref = len(bank)
+def _brute_force(q_feats, bank: ImageBank, metric, k: int, batch: int, progress, rows: range) -> SearchResult:
     n_q = q_feats[0].shape[0]
     best_d = torch.full((n_q, 0), float("inf"), dtype=torch.float64)
     best_i = torch.empty((n_q, 0), dtype=torch.long)
-    advance = progress("exact distances", n_ref) if progress else None
-    for start in range(0, n_ref, batch):
-        idx = torch.arange(start, min(start + batch, n_ref))
+    advance = progress("exact distances", len(rows)) if progress else None
+    for start in range(rows.start, rows.stop, batch):
+        idx = torch.arange(start, min(start + batch, rows.stop))
         r_feats = metric.features(bank.get(idx.tolist()))
         d = metric.cross_distances(q_feats, r_feats).cpu().double()  # (Q, B)
         d[:, bank.excluded(idx)] = float("inf")
-        best_d, order = torch.cat([best_d, d], 1).sort(1)
-        best_i = torch.cat([best_i, idx.expand(n_q, -1)], 1).gather(1, order)
-        best_d, best_i = best_d[:, :k], best_i[:, :k]
+        best_d, best_i = _nearest(torch.cat([best_d, d], 1), torch.cat([best_i, idx.expand(n_q, -1)], 1), k)
         if advance is not None:
             advance(len(idx))
-    return SearchResult(best_i, best_d, [True] * n_q, n_q * n_ref, n_ref, "exact")
+    return SearchResult(best_i, best_d, [True] * n_q, n_q * len(rows), len(bank), "exact")
+
+
+def _nearest(distances: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest (Q, N) distances per row, with their indices. Stable: of equal distances the one
+    met first -- the lower reference index -- comes first, however the reference was split."""
+    best_d, order = distances.sort(dim=1, stable=True)
+    return best_d[:, :k], indices.gather(1, order[:, :k])
+
+
+def merge_nearest(parts: list[SearchResult], k: int) -> SearchResult:
+    """One exact search from searches of reference blocks in index order (the ranks' shares)."""
+    distances, indices = _nearest(torch.cat([p.distances for p in parts], 1), torch.cat([p.indices for p in parts], 1), k)
+    first = parts[0]
+    return SearchResult(indices, distances, first.certified, sum(p.exact_distances for p in parts), first.candidates, first.mode)
 
 
 def embedding_cache_key(metric, fingerprint: str, n: int, weight_shas: Sequence[str] = ()) -> str:
@@ -287,22 +315,33 @@ def embedding_cache_key(metric, fingerprint: str, n: int, weight_shas: Sequence[
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cached_embeddings(path: Path, bank: ImageBank, metric, batch: int, progress=None) -> torch.Tensor:
+def cached_embeddings(path: Path, bank: ImageBank, metric, batch: int, progress=None, rt: Runtime | None = None) -> torch.Tensor:
     """The reference embeddings from `path`, else computed and stored there. The NaN rows of a cached
     file (images unreadable then) are decoded again: still unreadable, they are named in
-    `bank.unreadable`; readable now, the embeddings are computed afresh."""
+    `bank.unreadable`; readable now, the embeddings are computed afresh. Under torchrun (`rt`) each
+    rank embeds a block of whole batches, every rank gets them all, and rank 0 alone stores them."""
+    emb = None
     if path.is_file():
         emb = torch.from_numpy(np.load(path))
-        if all(bank.decode(i) is None for i in torch.isnan(emb).any(1).nonzero().flatten().tolist()):
-            return emb
-    emb = embeddings(bank, metric, batch, progress)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npy")
-        np.save(tmp, emb.numpy())
-        tmp.replace(path)
-    except OSError:
-        pass
+        if not all(bank.decode(i) is None for i in torch.isnan(emb).any(1).nonzero().flatten().tolist()):
+            emb = None
+    if everywhere(rt, emb is not None):  # one decision for all ranks: they meet in the same gathers
+        return emb
+    rows = batch_block(len(bank), batch, rt)
+    parts = gather(rt, lambda: (embeddings(bank, metric, batch, progress, rows), bank.unreadable))
+    if progress is not None:
+        progress(len(bank) - len(rows))  # the other ranks' images
+    for _, unreadable in parts:
+        bank.unreadable.update(unreadable)  # every rank knows every unreadable image, not only its own block's
+    emb = torch.cat([e for e, _ in parts if e.shape[0]])
+    if rt is None or rt.is_main:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npy")  # parallel runs on one cache never share it
+            np.save(tmp, emb.numpy())
+            tmp.replace(path)
+        except OSError:
+            pass
     return emb
 
 
@@ -338,9 +377,32 @@ def readable_queries(samples) -> tuple[ImageBank, list[int], dict]:
     return bank, [i for i in range(len(bank)) if i not in bank.unreadable], record
 
 
+def _search_shares(query_bank: ImageBank, queries: list[int], bank: ImageBank, distance, k: int, candidates: int, exact: bool,
+                   batch: int, emb: torch.Tensor | None, progress, rt: Runtime | None) -> list[SearchResult]:
+    """Every query's search, on every rank, the work split over ranks in units one process uses too:
+    brute force by blocks of `batch` reference images (a rank scans its blocks for every query; the
+    blocks' k nearest are merged), two-stage by groups of queries re-ranked together."""
+    if exact:
+        chunks = [queries[s : s + QUERY_CHUNK] for s in range(0, len(queries), QUERY_CHUNK)]
+        rows = batch_block(len(bank), batch, rt)
+        advance = progress("exact distances", len(rows) * len(chunks)) if progress else None
+        shares = gather(rt, lambda: [search(query_bank.get(c), bank, distance, k, exact=True, batch=batch, reference_rows=rows,
+                                            progress=advance and (lambda label, total: advance)) for c in chunks])
+        return [merge_nearest([share[i] for share in shares], k) for i in range(len(chunks))]
+    size = rerank_group(min(max(candidates, k), len(bank)))
+    groups = [queries[s : s + size] for s in range(0, len(queries), size)]
+    mine = batch_block(len(groups), 1, rt)
+    advance = progress("exact distances", sum(len(groups[g]) for g in mine)) if progress else None
+    shares = gather(rt, lambda: [search(query_bank.get(groups[g]), bank, distance, k, candidates, False, batch, emb,
+                                        progress=advance and (lambda label, total: advance)) for g in mine])
+    return [result for share in shares for result in share]
+
+
 def find_neighbours(samples, reference, metric: str, *, k: int = 5, candidates: int = 64, exact: bool = False,
-                    batch: int = 64, device: torch.device = torch.device("cpu"), grid_rows: int = 16, progress=None):
-    """`brics nn-search`: (nn.json report, contact sheet) for the samples against the reference (`ImageSet`s)."""
+                    batch: int = 64, device: torch.device = torch.device("cpu"), grid_rows: int = 16, progress=None,
+                    rt: Runtime | None = None):
+    """`brics nn-search`: (nn.json report, contact sheet) for the samples against the reference (`ImageSet`s).
+    Under torchrun (`rt`) the ranks share the embedding and the exact distances; None on ranks other than 0."""
     from brics_cli.errors import ConfigError
     from brics_cli.nets import weights
     from brics_cli.eval.image_sets import cache_root, unreadable_report
@@ -360,14 +422,15 @@ def find_neighbours(samples, reference, metric: str, *, k: int = 5, candidates: 
     if not exact:
         key = embedding_cache_key(distance, reference.fingerprint, len(bank), [weights.describe(w)["sha256"] for w in weight_names])
         emb = cached_embeddings(cache_root() / "nn" / f"embed-{metric}-{key}.npy", bank, distance, batch,
-                                progress("embed reference", len(bank)) if progress else None)
-    n_q = len(queries)
-    chunks = [queries[s : s + QUERY_CHUNK] for s in range(0, n_q, QUERY_CHUNK)]
-    advance = progress("exact distances", len(bank) * len(chunks) if exact else n_q) if progress else None
-    results = [search(query_bank.get(c), bank, distance, k, candidates, exact, batch, emb, progress=advance and (lambda label, total: advance))
-               for c in chunks]
+                                progress("embed reference", len(bank)) if progress else None, rt)
+    results = _search_shares(query_bank, queries, bank, distance, k, candidates, exact, batch, emb, progress, rt)
+    for part in gather(rt, lambda: bank.unreadable):
+        bank.unreadable.update(part)  # found by other ranks in their blocks
     unreadable = {"samples": unreadable_samples,
                   "reference": unreadable_report("reference images", len(bank), named_unreadable(bank), reference.repair_hint())}
+    if rt is not None and not rt.is_main:
+        return None
+    n_q = len(queries)
     indices = torch.cat([r.indices for r in results])
     distances = torch.cat([r.distances for r in results])
     certified = [c for r in results for c in r.certified]

@@ -10,7 +10,8 @@ the authors' code, which fed [-1, 1] images to torchmetrics, reports different S
 (`brics_cli.nets.perceptual.load_lpips`) uses the AlexNet backbone for evaluation, as in the
 authors' code. std is the population std (ddof = 0) over images, Table 2's "mean +- std".
 A pair whose input or reconstruction does not decode is left out and named ("unreadable"); past
-`MAX_UNREADABLE` of the pairs no metric is reported.
+`MAX_UNREADABLE` of the pairs no metric is reported. Under torchrun the ranks share the pairs in
+whole batches (ranks.py): the per-pair values, and so the means, are one process's.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from brics_cli.errors import BricsError
 from brics_cli.core.images import ImageSkip, load_image
+from brics_cli.core.runtime import Runtime
+from brics_cli.errors import BricsError
+from brics_cli.eval.ranks import batch_block, gather
 from brics_cli.nets.perceptual import load_lpips
 from brics_cli.nets.weights import LPIPS_WEIGHTS
 
@@ -105,8 +108,10 @@ def reconstruction_metrics(
     return meter.result()
 
 
-def evaluate_folder(folder, lpips_net: str = "alex", device: str | torch.device = "cpu", batch_size: int = 32, progress=None) -> dict:
-    """`brics eval recon`: Table 2's metrics of a `brics reconstruct` folder (inputs/ and recon/), with the protocol."""
+def evaluate_folder(folder, lpips_net: str = "alex", device: str | torch.device = "cpu", batch_size: int = 32, progress=None,
+                    rt: Runtime | None = None) -> dict:
+    """`brics eval recon`: Table 2's metrics of a `brics reconstruct` folder (inputs/ and recon/), with the protocol
+    (under torchrun, `rt`: the ranks share the pairs and each gets the result)."""
     from brics_cli.nets import weights
     from brics_cli.eval.generative import library_versions
     from brics_cli.eval.image_sets import reconstruction_pairs, unreadable_report
@@ -115,7 +120,7 @@ def evaluate_folder(folder, lpips_net: str = "alex", device: str | torch.device 
     names = [] if lpips_net == "none" else list(LPIPS_WEIGHTS[lpips_net])
     model = None if lpips_net == "none" else load_lpips(lpips_net, device)
     found: dict[str, str] = {}
-    result = evaluate_pairs(pairs, model, batch_size, progress("reconstructions", len(pairs)) if progress else None, found)
+    result = evaluate_pairs(pairs, model, batch_size, progress("reconstructions", len(pairs)) if progress else None, found, rt)
     unreadable = unreadable_report("image pairs", len(pairs), found, f"rerun `brics reconstruct` into {folder} or remove those pairs")
     result["protocol"] = {
         "folder": str(folder),
@@ -133,23 +138,37 @@ def evaluate_folder(folder, lpips_net: str = "alex", device: str | torch.device 
 
 
 def evaluate_pairs(pairs, lpips_model: nn.Module | None, batch_size: int = 32, progress=None,
-                   unreadable: dict[str, str] | None = None) -> dict:
+                   unreadable: dict[str, str] | None = None, rt: Runtime | None = None) -> dict:
     """Reconstruction metrics of (input file, reconstruction file) pairs, in batches.
 
     A pair with a file that does not decode is dropped and recorded in `unreadable` (pair name ->
-    "PATH: reason"); without that dict it is an error.
+    "PATH: reason"); without that dict it is an error. Under torchrun (`rt`) each rank measures a
+    block of whole batches and every rank gets the metrics of all the pairs.
     """
     meter = ReconstructionMeter(lpips_model, "LPIPS not requested" if lpips_model is None else None)
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        loaded = [pair for pair in (_load_pair(a, b, unreadable) for a, b in chunk) if pair is not None]
-        if loaded:
-            try:
-                meter.update(torch.stack([x for x, _ in loaded]), torch.stack([y for _, y in loaded]))
-            except (RuntimeError, ValueError) as exc:  # sizes differ within a batch or between input and reconstruction
-                raise BricsError(f"images of different sizes among {chunk[0][0].name} .. {chunk[-1][0].name}: {exc}") from exc
-        if progress is not None:
-            progress(len(chunk))
+    rows = batch_block(len(pairs), batch_size, rt)
+
+    def my_share() -> tuple[dict[str, list[float]], dict[str, str]]:
+        found: dict[str, str] = {}
+        for start in range(rows.start, rows.stop, batch_size):
+            chunk = pairs[start : min(start + batch_size, rows.stop)]
+            loaded = [pair for pair in (_load_pair(a, b, None if unreadable is None else found) for a, b in chunk) if pair is not None]
+            if loaded:
+                try:
+                    meter.update(torch.stack([x for x, _ in loaded]), torch.stack([y for _, y in loaded]))
+                except (RuntimeError, ValueError) as exc:  # sizes differ within a batch or between input and reconstruction
+                    raise BricsError(f"images of different sizes among {chunk[0][0].name} .. {chunk[-1][0].name}: {exc}") from exc
+            if progress is not None:
+                progress(len(chunk))
+        return meter.values, found
+
+    parts = gather(rt, my_share)
+    if progress is not None:
+        progress(len(pairs) - len(rows))  # the other ranks' pairs
+    meter.values = {key: [v for values, _ in parts for v in values[key]] for key in meter.values}  # blocks in rank order
+    if unreadable is not None:
+        for _, found in parts:
+            unreadable.update(found)
     return meter.result()
 
 

@@ -213,7 +213,8 @@ def check_checksum(name: str, path: Path) -> bool:
         f"or set {ALLOW_UNVERIFIED_ENV}=1 to use it anyway"
     )
     if os.environ.get(ALLOW_UNVERIFIED_ENV, "") not in ("", "0"):
-        print(f"warning: {message.split(':')[0]}; used anyway ({ALLOW_UNVERIFIED_ENV}=1)", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # once per job under torchrun, not once per rank
+            print(f"warning: {message.split(':')[0]}; used anyway ({ALLOW_UNVERIFIED_ENV}=1)", file=sys.stderr)
         return False
     raise WeightsMismatch(message)
 

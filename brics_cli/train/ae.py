@@ -33,6 +33,7 @@ from brics_cli.config import to_dict
 from brics_cli.core import checkpoint as ckpt
 from brics_cli.core.images import save_image_grid
 from brics_cli.core.progress import Progress
+from brics_cli.core.rng import gather_states, restore_states, seed_rank
 from brics_cli.core.runtime import Runtime, seed_everything
 from brics_cli.data.loader import make_loader
 from brics_cli.errors import BricsError, ConfigError
@@ -129,6 +130,7 @@ class AETrainer:
         if self.cfg.compile:
             self.g_model = torch.compile(self.g_model)
             self.d_model = torch.compile(self.disc)
+        seed_rank(self.cfg.seed, rt.rank)  # the weights above are every rank's; the noise from here on is each rank's own
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -144,13 +146,14 @@ class AETrainer:
         return {"ae": self.ae, "ema": self.ema.module, "disc": self.disc}
 
     # ---- checkpoint state ----
-    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    def state(self, rng: tuple[dict[str, Tensor], dict[str, Any]]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The checkpoint's tensors and metadata; `rng`: every rank's states (`core.rng.gather_states`)."""
         tensors: dict[str, Tensor] = {}
         for prefix, module in (("ae", self.ae), ("ema", self.ema.module), ("disc", self.disc)):
             tensors.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
         g_t, g_m = ckpt.optimizer_state(self.g_opt, "opt_g")
         d_t, d_m = ckpt.optimizer_state(self.d_opt, "opt_d")
-        r_t, r_m = ckpt.rng_state()
+        r_t, r_m = rng
         tensors.update(g_t | d_t | r_t)
         meta = {
             "kind": "ae",
@@ -175,8 +178,9 @@ class AETrainer:
         problem = self.guard.weights_problem(self.checked_modules(), self.rt)
         if problem:
             return problem
+        rng = gather_states(self.rt, data={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch})  # a collective
         if self.rt.is_main:
-            tensors, meta = self.state()
+            tensors, meta = self.state(rng)
             self.checkpoints.save(self.step, tensors, meta)
         self.rt.barrier()
         self.last_checkpoint = self.checkpoints.path(self.step)  # on every rank: the rollback target
@@ -194,8 +198,8 @@ class AETrainer:
                 f"start a new run (run.dir=... or --run-dir) or restore the recipe"
             )
         if meta.get("world_size", 1) != self.rt.world_size:
-            self.log(f"note: resuming a {meta.get('world_size')}-rank run on {self.rt.world_size} ranks -- "
-                     "the data order differs from an uninterrupted run")
+            self.log(f"note: resuming a {meta.get('world_size')}-rank run on {self.rt.world_size} ranks: the ranks it had "
+                     "restore their random streams, new ones start fresh; data order and noise differ from an uninterrupted run")
         tensors = ckpt.load_tensors(path, device=self.rt.device)
         try:
             self._load_state(tensors, meta)
@@ -211,10 +215,14 @@ class AETrainer:
             module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
         ckpt.load_optimizer_state(self.g_opt, "opt_g", tensors, meta["optim"]["g"])
         ckpt.load_optimizer_state(self.d_opt, "opt_d", tensors, meta["optim"]["d"])
-        ckpt.restore_rng({k: v.cpu() for k, v in tensors.items() if k.startswith("rng.")}, meta["rng"])
         self.step = meta["step"]
         self.epoch = meta["data"]["epoch"]
         self.batch_in_epoch = meta["data"]["batch_in_epoch"]
+        mine = restore_states(tensors, meta["rng"], self.rt.rank)
+        if mine is None:  # a rank the checkpoint's run did not have: fresh streams, derived from the step
+            seed_rank(self.cfg.seed + self.step, self.rt.rank)
+        elif "data" in mine:  # this rank's own reading position
+            self.epoch, self.batch_in_epoch = mine["data"]["epoch"], mine["data"]["batch_in_epoch"]
         self.ema.updates = meta["ema_updates"]
         self.guard.total = meta.get("bad_steps", 0)
         self.skipped_samples = meta.get("skipped_samples", 0)
@@ -431,6 +439,7 @@ class AETrainer:
                         window_steps += 1
                     if self.step % cfg.sample_every == 0 or self.step == cfg.steps:
                         val_psnr = self.write_samples(val)  # logged with the next metrics record
+                        metrics.image("samples", self.run_dir / "samples" / f"step-{self.step:06d}.png", self.step)
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                         record = {k.lstrip("_"): v / max(window_steps, 1) for k, v in window.items()}
                         record = self.rt.mean_over_ranks(record)

@@ -2,11 +2,14 @@
 
 1. The dataset is encoded once with the frozen EMA autoencoder (eval mode: no relaxed-precision
    noise) and cached in `RUN.DIR/codes/<key>/`, key = hash of the AE checkpoint and the shard
-   manifest, so a rerun, or another diffusion run on the same AE, reuses it. With `data.flip` the
-   mirrored images are encoded too. Codes are stored as float16 (rounding error <= 2.4e-4, far
-   below the relaxed precision 1/(4 r_max) the decoder was trained to tolerate).
+   manifest, so a rerun, or another diffusion run on the same AE, reuses it. Under torchrun every
+   rank encodes its share of the parts. With `data.flip` the mirrored images are encoded too.
+   Codes are stored as float16 (rounding error <= 2.4e-4, far below the relaxed precision
+   1/(4 r_max) the decoder was trained to tolerate).
 2. The UNet learns epsilon on x0 = 2z - 1 with the recipe's schedule; Adam with warm-up + cosine
-   decay; EMA. Same loop contract as ae-train: resume by rerunning, atomic checkpoints, DDP under
+   decay; EMA. One step = one global batch (`diffusion.train.batch`), split over ranks and, with
+   `micro_batch`, accumulated over micro-batches per rank; `bf16` and `compile` as in ae-train.
+   Same loop contract as ae-train: resume by rerunning, atomic checkpoints, DDP under
    torchrun, the divergence guard (only models that pass its weight check are checkpointed; a bad
    streak rolls back), SIGINT/SIGTERM, metrics.jsonl, sample grids decoded through the AE. On
    resume the recipe's `diffusion.optim` wins over the checkpoint's, so a lower learning rate
@@ -15,8 +18,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +36,7 @@ from brics_cli.core import checkpoint as ckpt
 from brics_cli.core.files import atomic_write_json, sha256_file
 from brics_cli.core.images import save_image_grid
 from brics_cli.core.progress import Progress
+from brics_cli.core.rng import gather_states, rank_seed, restore_states, seed_rank
 from brics_cli.core.runtime import Runtime, seed_everything
 from brics_cli.data.loader import ShardDataset
 from brics_cli.diffusion.config import DiffusionStageConfig, build_optimizer, lr_multiplier
@@ -67,67 +73,114 @@ def codes_key(ae_checkpoint: Path, shards: str, flip: bool) -> str:
     return h.hexdigest()[:16]
 
 
+def part_name(index: int) -> str:
+    return f"part-{index:06d}.safetensors"
+
+
+def _train_count(shards: str) -> int | None:
+    """The training images a `brics shard` folder's manifest counts; None for a shard URL pattern."""
+    manifest = Path(shards) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    return json.loads(manifest.read_text()).get("counts", {}).get("train")
+
+
+def _my_share(folder: Path, total: int | None, part_size: int, rt: Runtime) -> int | None:
+    """How many images this rank will encode: its parts (p % ranks == rank) not yet on disk."""
+    if total is None:
+        return None
+    parts = range(rt.rank, -(-total // part_size), rt.world_size)
+    return sum(min(part_size, total - p * part_size) for p in parts if not (folder / part_name(p)).is_file())
+
+
 @torch.no_grad()
-def encode_dataset(ae, data_cfg, folder: Path, device: torch.device, batch: int = 64, progress=None) -> tuple[Tensor, dict]:
-    """Codes (N, C_z, H_z, W_z) float16 of the training split, cached in `folder`; and the cache record.
+def encode_dataset(ae, data_cfg, folder: Path, rt: Runtime, batch: int = 64, part_size: int = PART_SIZE,
+                   show_progress: bool = True) -> dict:
+    """Encode the training split into `folder` (part files, then done.json); returns the cache record.
 
-    Part i holds the codes of images [i * PART_SIZE, (i + 1) * PART_SIZE) in shard order (then
-    their mirror images with data.flip). Resumable: a part already on disk is read back and its
-    images are not encoded again; the temporaries of a killed writer are removed. `ae=None`: only
-    read a finished cache (the other ranks)."""
+    Part p holds the codes of images [p * part_size, (p + 1) * part_size) in shard order (then
+    their mirror images with data.flip), float16. Every rank reads the images in that order and
+    encodes the parts with p % ranks == rank, so the parts equal one process's, bit for bit, in
+    1/ranks of the time. Resumable: a part already on disk is not encoded again; the temporaries
+    of killed writers are removed first. A collective under torchrun: every rank calls it."""
     folder.mkdir(parents=True, exist_ok=True)
-    if ae is not None:
-        ckpt.remove_stale_writes(folder)  # a killed encoder's part and done.json temporaries
-    done = folder / "done.json"
-    if done.is_file():
-        record = json.loads(done.read_text())
-        return torch.cat([ckpt.load_tensors(folder / p)["codes"] for p in record["parts"]]), record
-    cfg = replace(data_cfg, workers=0, shuffle=0, flip=False, resample=False, epoch_length=None)
-    dataset = ShardDataset(cfg, "train")
+    if rt.is_main:
+        ckpt.remove_stale_writes(folder)  # a killed encoder's part and done.json temporaries, before any rank writes
+    rt.barrier()
     t0 = time.perf_counter()
-    parts: list[str] = []
-    codes: list[Tensor] = []
-
-    def encode(images: list[Tensor]) -> Tensor:
-        """Codes of the images, then (data.flip) of their mirror images."""
-        plain, mirrored = [], []
-        for start in range(0, len(images), batch):
-            x = torch.stack(images[start:start + batch]).to(device)
-            plain.append(ae.encode(x)[0].to(torch.float16).cpu())
-            if data_cfg.flip:
-                mirrored.append(ae.encode(x.flip(-1))[0].to(torch.float16).cpu())
-        return torch.cat(plain + mirrored)
-
-    def finish_part(images: list[Tensor], present: bool) -> None:
-        name = f"part-{len(parts):06d}.safetensors"
-        if present:
-            z = ckpt.load_tensors(folder / name)["codes"]
-        else:
-            z = encode(images)
-            ckpt.save_tensors_atomic(folder / name, {"codes": z}, {"images": len(images)})
-        parts.append(name)
-        codes.append(z)
-        if progress is not None:
-            progress(len(images) if images else PART_SIZE)
-
-    images: list[Tensor] = []
-    count = 0
-    for image, _key in dataset:
-        present = (folder / f"part-{len(parts):06d}.safetensors").is_file()
-        count += 1
-        if not present:
-            images.append(image)
-        if count % PART_SIZE == 0:
-            finish_part(images, present)
-            images = []
-    if count % PART_SIZE:
-        finish_part(images, (folder / f"part-{len(parts):06d}.safetensors").is_file())
-    if not codes:
+    cfg = replace(data_cfg, workers=0, shuffle=0, flip=False, resample=False, epoch_length=None)
+    dataset = ShardDataset(cfg, "train")  # the whole split on every rank: each finds its parts by position
+    label = "encode" if rt.world_size == 1 else f"encode (rank 0's share: 1/{rt.world_size} of the parts)"
+    failure: Exception | None = None
+    with Progress(show_progress and rt.is_main) as progress:
+        task = progress.task(label, _my_share(folder, _train_count(data_cfg.shards), part_size, rt))
+        try:
+            count = _encode_my_parts(ae, dataset, folder, rt, part_size, batch, data_cfg.flip, task.advance)
+        except Exception as exc:  # every rank must hear of it, or the others wait at the next barrier
+            failure = exc
+    if rt.any_flag(failure is not None):
+        raise failure or BricsError(f"{folder}: another rank failed while encoding its parts (its error is above); "
+                                    "rerun: the parts already written are kept")
+    if count == 0:
         raise BricsError(f"data.shards: {data_cfg.shards} has no readable training images to encode")
-    record = {"parts": parts, "images": count, "codes": sum(len(c) for c in codes), "flip": data_cfg.flip,
-              "corrupt_skipped": dataset.skipped.count, "seconds": round(time.perf_counter() - t0, 2)}
-    atomic_write_json(done, record)
-    return torch.cat(codes), record
+    parts = [part_name(p) for p in range(-(-count // part_size))]
+    missing = [name for name in parts if not (folder / name).is_file()]
+    if missing:  # an internal invariant, but a cache with a hole must never be marked done
+        raise BricsError(f"{folder}: parts {', '.join(missing[:3])} were not written; rerun to encode them")
+    record = {"parts": parts, "images": count, "codes": count * (2 if data_cfg.flip else 1), "flip": data_cfg.flip,
+              "corrupt_skipped": dataset.skipped.count, "ranks": rt.world_size,
+              "seconds": round(time.perf_counter() - t0, 2)}
+    if rt.is_main:
+        atomic_write_json(folder / "done.json", record)
+    rt.barrier()
+    return record
+
+
+def _encode_my_parts(ae, dataset, folder: Path, rt: Runtime, part_size: int, batch: int, flip: bool, advance) -> int:
+    """Encode this rank's missing parts, `batch` images at a time from each part's start; returns
+    how many images the split holds (every rank reads them all)."""
+    plain: list[Tensor] = []
+    mirrored: list[Tensor] = []
+    pending: list[Tensor] = []
+    count, part, mine = 0, 0, False
+
+    def encode_pending() -> None:
+        x = torch.stack(pending).to(rt.device)  # (b, 3, H, W)
+        plain.append(ae.encode(x)[0].to(torch.float16).cpu())  # (b, C_z, H_z, W_z)
+        if flip:
+            mirrored.append(ae.encode(x.flip(-1))[0].to(torch.float16).cpu())
+        advance(len(pending))
+        pending.clear()
+
+    def write_part() -> None:
+        if pending:
+            encode_pending()
+        images = sum(len(z) for z in plain)
+        ckpt.save_tensors_atomic(folder / part_name(part), {"codes": torch.cat(plain + mirrored)}, {"images": images})
+        plain.clear()
+        mirrored.clear()
+
+    for image, _key in dataset:
+        if count % part_size == 0:  # a part starts
+            part = count // part_size
+            mine = part % rt.world_size == rt.rank and not (folder / part_name(part)).is_file()
+        count += 1
+        if not mine:
+            continue
+        pending.append(image)
+        if len(pending) == batch:
+            encode_pending()
+        if count % part_size == 0:
+            write_part()
+    if mine and count % part_size:  # the last, shorter part
+        write_part()
+    return count
+
+
+def read_code_cache(folder: Path) -> tuple[Tensor, dict]:
+    """The codes (N, C_z, H_z, W_z) float16 of a finished cache and its record (done.json)."""
+    record = json.loads((folder / "done.json").read_text())
+    return torch.cat([ckpt.load_tensors(folder / name)["codes"] for name in record["parts"]]), record
 
 
 # -- the trainer ----------------------------------------------------------------------------------
@@ -150,11 +203,9 @@ class DiffusionTrainer:
         self.rt = rt
         self.ae_checkpoint = ae_checkpoint
         self.codes_info = codes_info
-        opt = self.cfg.optim
-        if opt.batch % rt.world_size:
-            raise ConfigError(f"diffusion.optim.batch={opt.batch} is not divisible by the {rt.world_size} ranks")
-        self.micro = opt.batch // rt.world_size
-        seed_everything(self.cfg.train.seed)
+        opt, tc = self.cfg.optim, self.cfg.train
+        self.micro, self.accum = tc.accumulation(rt.world_size)  # micro * accum * ranks == diffusion.train.batch
+        seed_everything(tc.seed)
         self.codes = codes  # (N, C, H, W) float16 on the CPU
         _, C, H, W = codes.shape
         self.shape = (C, H, W)
@@ -162,15 +213,18 @@ class DiffusionTrainer:
         self.schedule = build_schedule(self.cfg.schedule)
         self.ema = EMA(self.unet, opt.ema)
         self.opt, self.lr_sched = build_optimizer(opt, self.unet.parameters())
-        self.model = self.unet
+        self.model: torch.nn.Module = self.unet  # what the steps call: the UNet, in DDP under torchrun, compiled on request
+        self.ddp = None
         if rt.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.model = DDP(self.unet, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-        self.data_rng = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + 1000 + rt.rank)  # which codes each step trains on
+            self.model = self.ddp = DDP(self.unet, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        if tc.compile:
+            self.model = torch.compile(self.model)
+        seed_rank(self.cfg.train.seed, rt.rank)  # the weights above are every rank's; t, eps and the codes drawn are each rank's own
+        self.data_rng = torch.Generator().manual_seed(rank_seed(self.cfg.train.seed + 1, rt.rank))  # which codes each step trains on
         self.step = 0
-        self.checkpoints = ckpt.CheckpointDir(self.run_dir / "checkpoints", self.cfg.train.keep)
-        tc = self.cfg.train
+        self.checkpoints = ckpt.CheckpointDir(self.run_dir / "checkpoints", tc.keep)
         self.guard = DivergenceGuard(tc.max_bad_steps, tc.max_rollbacks,
                                      fix="lower diffusion.optim.lr and rerun (it continues from the last good checkpoint), or check the data")
         self.guard.weights_problem(self.checked_modules(), rt, fresh=True)  # the growth test starts from the initial weights
@@ -180,13 +234,13 @@ class DiffusionTrainer:
     def checked_modules(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.unet, "ema": self.ema.module}
 
-    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    def state(self, rng: tuple[dict[str, Tensor], dict[str, Any]]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The checkpoint's tensors and metadata; `rng`: every rank's states (`core.rng.gather_states`)."""
         tensors = {f"unet.{k}": v for k, v in self.unet.state_dict().items()}
         tensors.update({f"ema.{k}": v for k, v in self.ema.module.state_dict().items()})
         o_t, o_m = ckpt.optimizer_state(self.opt, "opt")
-        r_t, r_m = ckpt.rng_state()
+        r_t, r_m = rng
         tensors.update(o_t | r_t)
-        tensors["rng.data"] = self.data_rng.get_state()
         meta = {
             "kind": "diffusion",
             "step": self.step,
@@ -211,8 +265,9 @@ class DiffusionTrainer:
         problem = self.guard.weights_problem(self.checked_modules(), self.rt)
         if problem:
             return problem
+        rng = gather_states(self.rt, {"data": self.data_rng})  # a collective
         if self.rt.is_main:
-            tensors, meta = self.state()
+            tensors, meta = self.state(rng)
             self.checkpoints.save(self.step, tensors, meta)
         self.rt.barrier()
         self.last_checkpoint = self.checkpoints.path(self.step)  # on every rank: the rollback target
@@ -243,9 +298,14 @@ class DiffusionTrainer:
         ckpt.load_optimizer_state(self.opt, "opt", tensors, meta["optim"])
         self.lr_sched.load_state_dict(meta["lr_scheduler"])
         self._apply_recipe_optim()
-        ckpt.restore_rng({k: v.cpu() for k, v in tensors.items() if k.startswith("rng.") and k != "rng.data"}, meta["rng"])
-        self.data_rng.set_state(tensors["rng.data"].cpu())
         self.step, self.ema.updates, self.guard.total = meta["step"], meta["ema_updates"], meta.get("bad_steps", 0)
+        if restore_states(tensors, meta["rng"], self.rt.rank, {"data": self.data_rng}) is None:
+            seed_rank(self.cfg.train.seed + self.step, self.rt.rank)  # a rank the checkpoint's run did not have
+            self.data_rng.manual_seed(rank_seed(self.cfg.train.seed + 1 + self.step, self.rt.rank))
+        if meta.get("world_size", 1) != self.rt.world_size and self.rt.is_main:
+            print(f"note: resuming a {meta.get('world_size')}-rank run on {self.rt.world_size} ranks: the ranks it had "
+                  "restore their random streams, new ones start fresh; the codes drawn differ from an uninterrupted run",
+                  file=sys.stderr)
 
     def _apply_recipe_optim(self) -> None:
         """`diffusion.optim` may change on resume: the recipe's lr, schedule, betas, eps and weight
@@ -264,13 +324,36 @@ class DiffusionTrainer:
         if self.rt.is_main:
             self.progress.log(message)
 
+    def _autocast(self):
+        if self.cfg.train.bf16 and self.rt.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def micro_batch_loss(self, x0: Tensor, t: Tensor, eps: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """`diffusion_loss` with t and eps given: the draws are made once for the rank's whole batch,
+        so a micro-batch split changes the memory a step takes, not the step."""
+        with self._autocast():
+            return diffusion_loss(self.model, self.schedule, x0, t=t, eps=eps)
+
     def train_step(self) -> dict[str, float] | None:
-        idx = torch.randint(len(self.codes), (self.micro,), generator=self.data_rng)
-        x0 = codes_to_x0(self.codes[idx].float().to(self.rt.device))
+        """One optimiser step on this rank's diffusion.train.batch / ranks codes, in `accum` micro-batches;
+        DDP averages the gradients over ranks once, after the last one."""
+        n = self.micro * self.accum
+        idx = torch.randint(len(self.codes), (n,), generator=self.data_rng)
+        x0 = codes_to_x0(self.codes[idx].float().to(self.rt.device))  # (n, C, H, W)
+        t = torch.rand(n, device=x0.device)  # (n,)  the draws diffusion_loss makes, in its order
+        eps = torch.randn(x0.shape, device=x0.device)
         self.opt.zero_grad(set_to_none=True)
-        loss, terms = diffusion_loss(self.model, self.schedule, x0)
-        loss.backward()
-        values = {k: float(v) for k, v in terms.items()}
+        values: dict[str, float] = {}
+        for i in range(self.accum):
+            part = slice(i * self.micro, (i + 1) * self.micro)
+            last = i == self.accum - 1
+            sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()  # all-reduce once, at the end
+            with sync:
+                loss, terms = self.micro_batch_loss(x0[part], t[part], eps[part])
+                (loss / self.accum).backward()
+            for k, v in terms.items():
+                values[k] = values.get(k, 0.0) + float(v) / self.accum
         values["grad_norm"] = grad_norm(list(self.unet.parameters()))
         bad = bad_terms(values)
         if self.rt.any_flag(bool(bad)):  # every rank skips the same steps
@@ -328,7 +411,7 @@ class DiffusionTrainer:
                     self.unet.train()
                     values = self.train_step()
                     self.step += 1
-                    throughput.add(self.cfg.optim.batch)
+                    throughput.add(tc.batch)
                     if values is not None:
                         for k, v in values.items():
                             window[k] = window.get(k, 0.0) + v
@@ -342,6 +425,7 @@ class DiffusionTrainer:
                         window, count = {}, 0
                     if self.step % tc.sample_every == 0 or self.step == tc.steps:
                         self.write_samples()
+                        metrics.image("samples", self.run_dir / "samples" / f"step-{self.step:06d}.png", self.step)
                     stopped_by = checkpoint_or_stop(self.step, tc.steps, tc.checkpoint_every, stop, self.rt, self.save, progress.log,
                                                     lambda why: self.guard.checkpoint_refused(self.step, why, self.last_checkpoint))
                     if stopped_by:

@@ -110,10 +110,13 @@ def train_diffusion(cfg, recipe: Path, ae_run: Path | None, run_dir: Path | None
     try:
         key = codes_key(ae_ckpt, cfg.data.shards, cfg.data.flip)
         codes_dir = Path(cfg.run.dir) / "codes" / key
+        tc = cfg.diffusion.train
+        micro, accum = tc.accumulation(rt.world_size)  # a batch the ranks cannot split stops here, before the encode
         if dry_run:
             return {"dry_run": True, "recipe": str(recipe), "run": str(folder), "ae_checkpoint": str(ae_ckpt),
                     "codes": str(codes_dir), "codes_cached": (codes_dir / "done.json").is_file(), "device": str(rt.device),
-                    "ranks": rt.world_size, "steps": cfg.diffusion.train.steps, "batch": cfg.diffusion.optim.batch}
+                    "ranks": rt.world_size, "steps": tc.steps, "batch": tc.batch, "micro_batch": micro,
+                    "accumulation": accum, "bf16": tc.bf16, "compile": tc.compile}
         with folder_lock(folder, rt):  # one writer per run folder
             codes, info = _cached_codes(cfg, ae_ckpt, codes_dir, rt)
             trainer = DiffusionTrainer(cfg, folder, rt, ae_ckpt, codes, {**info, "dir": str(codes_dir), "key": key})
@@ -123,18 +126,16 @@ def train_diffusion(cfg, recipe: Path, ae_run: Path | None, run_dir: Path | None
 
 
 def _cached_codes(cfg, ae_ckpt: Path, codes_dir: Path, rt: Runtime):
-    """The training split's key codes: encoded once by rank 0 into the (locked) cache, read back by the others."""
+    """The training split's key codes from the (locked) cache: encoded once, every rank its share
+    of the parts, then read back whole by every rank."""
     from brics_cli.models.autoencoder import BRICSAutoencoder
-    from brics_cli.train.diffusion import encode_dataset
+    from brics_cli.train.diffusion import encode_dataset, read_code_cache
 
     with folder_lock(codes_dir, rt):
-        if rt.is_main:
-            if not (codes_dir / "done.json").is_file():
-                print(f"encoding {cfg.data.shards} with {ae_ckpt} -> {codes_dir}", file=sys.stderr)
+        if not (codes_dir / "done.json").is_file():  # no rank writes it before all have looked: see encode_dataset
+            if rt.is_main:
+                print(f"encoding {cfg.data.shards} with {ae_ckpt} -> {codes_dir} on {rt.world_size} rank(s)", file=sys.stderr)
             ae = BRICSAutoencoder.from_checkpoint(ae_ckpt, ema=True, device=rt.device)
-            codes, info = encode_dataset(ae, cfg.data, codes_dir, rt.device)
+            encode_dataset(ae, cfg.data, codes_dir, rt)
             del ae
-        rt.barrier()
-        if not rt.is_main:
-            codes, info = encode_dataset(None, cfg.data, codes_dir, rt.device)  # written by rank 0: read back
-    return codes, info
+        return read_code_cache(codes_dir)

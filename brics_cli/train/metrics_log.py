@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,19 +25,40 @@ def _record(line: str) -> dict[str, Any] | None:
 
 
 class MetricsLog:
-    """Appends one JSON object per log step to metrics.jsonl; mirrors scalars to TensorBoard if installed."""
+    """Appends one JSON object per log step to metrics.jsonl; mirrors scalars and sample grids to
+    TensorBoard when it is installed (`pip install -e '.[tensorboard]'`).
+
+    A resumed or rolled-back run continues from a checkpoint at step S while the logs may hold later
+    steps: `truncate_after(S)` drops them from metrics.jsonl and reopens TensorBoard's writer with
+    `purge_step = S + 1`, so TensorBoard discards its stale events of those steps too."""
 
     def __init__(self, folder: Path, enabled: bool, tensorboard: bool = True) -> None:
         self.enabled = enabled
         self.path = folder / "metrics.jsonl"
+        self.tb_dir = folder / "tensorboard"
         self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        if enabled and tensorboard and os.environ.get("BRICS_TENSORBOARD", "1") != "0":  # BRICS_TENSORBOARD=0: jsonl only
+            self._open_tensorboard(None)
 
-                self.tb = SummaryWriter(str(folder / "tensorboard"))
-            except Exception:  # tensorboard not installed: metrics.jsonl only
-                self.tb = None
+    def _open_tensorboard(self, purge_step: int | None) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.tb_dir), purge_step=purge_step)
+        except Exception:  # tensorboard not installed: metrics.jsonl only
+            self.tb = None
+
+    def image(self, tag: str, png: Path, step: int) -> None:
+        """A sample grid (a PNG the trainer wrote) into TensorBoard."""
+        if self.tb is None or not png.is_file():
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(png) as img:
+            self.tb.add_image(tag, np.asarray(img.convert("RGB")), step, dataformats="HWC")
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -55,6 +77,8 @@ class MetricsLog:
         A line that is not a whole record -- half a line left by a full disk or a kill during an
         append -- is dropped with one warning on stderr; the run then continues.
         """
+        if self.tb is not None:  # steps above `step` were logged by a run that did not checkpoint them
+            self._open_tensorboard(step + 1)
         if not (self.enabled and self.path.is_file()):
             return
         remove_stale_temporaries(self.path.parent, f".{self.path.name}.tmp*")  # of a rewrite that was killed
