@@ -11,6 +11,28 @@ import pytest
 TINY_RECIPE = Path(__file__).parent / "recipes" / "tiny.yaml"
 
 
+def brics(*args, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m brics_cli ARGS` in a fresh process; with `check`, a non-zero exit fails the test with its stderr."""
+    out = subprocess.run([sys.executable, "-m", "brics_cli", *map(str, args)], capture_output=True, text=True)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def run_in_process(argv: list[str], capsys) -> tuple[int, str]:
+    """`brics ARGV` through `main()` in this process: (exit code, stderr)."""
+    old = sys.argv
+    sys.argv = ["brics", *argv]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            from brics_cli.cli import main
+
+            main()
+    finally:
+        sys.argv = old
+    return exit_info.value.code, capsys.readouterr().err
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     """32x32 crops of the demo photos: 64 training and 16 held-out images in 32-image shards."""

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from brics_cli.cli import main
+from conftest import run_in_process as run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "recipes" / "demo.yaml")
@@ -22,17 +21,6 @@ COMMANDS = {
     "eval recon": ["eval", "recon"],
     "nn-search": ["nn-search", "--metric", "l2"],
 }
-
-
-def run(argv: list[str], capsys) -> tuple[int, str]:
-    old = sys.argv
-    sys.argv = ["brics", *argv]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = old
-    return exit_info.value.code, capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from brics_cli.cli import main
 from brics_cli.errors import ConfigError
 from brics_cli.recipe import load_recipe
+from conftest import run_in_process as run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = (ROOT / "recipes/demo.yaml").read_text()
@@ -77,17 +77,6 @@ FAULTS = [
      ["duplicate key 'run'", f"lines {line_of(GOOD, 'run:')} and {line_of(DUPLICATED_TOP, 'run:', 2)}"]),
 ]
 IDS = [f[0] for f in FAULTS]
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    old = sys.argv
-    sys.argv = ["brics", *argv]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = old
-    return exit_info.value.code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, write, overrides, fragments", FAULTS, ids=IDS)

@@ -14,14 +14,7 @@ import pytest
 import torch
 
 from brics_cli.core import checkpoint as ckpt
-from conftest import TINY_RECIPE
-
-
-def brics(*args, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "brics_cli", *map(str, args)], capture_output=True, text=True)
-    if check:
-        assert out.returncode == 0, out.stderr[-3000:]
-    return out
+from conftest import TINY_RECIPE, brics
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,16 +24,9 @@ from brics_cli.diffusion.loss import diffusion_loss
 from brics_cli.errors import ConfigError
 from brics_cli.recipe import load_recipe
 from brics_cli.train.diffusion import DiffusionTrainer
-from conftest import TINY_RECIPE
+from conftest import TINY_RECIPE, brics
 
 RENAMED = "diffusion.optim.batch is now diffusion.train.batch (the global batch, like ae.train.batch)"
-
-
-def brics(*args, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "brics_cli", *map(str, args)], capture_output=True, text=True)
-    if check:
-        assert out.returncode == 0, out.stderr[-3000:]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +136,7 @@ def _ddp_steps(rank: int, world: int, port: int, out: str) -> None:
     result = {"accum": micro.accum, "max_diff": max((x - y).abs().max().item() for x, y in zip(a, b)),
               "rank_diff": rt.max_rank_difference(b)}
     (Path(out) / f"rank-{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    rt.shutdown()  # the production teardown: a barrier first, so no rank tears gloo down under another
 
 
 def test_micro_batches_under_ddp_sync_once_and_give_the_full_batch_step(tmp_path):
@@ -235,7 +226,7 @@ def _encode(rank: int, world: int, port: int, task: str, ae_ckpt: str, shards: s
     except Exception as exc:  # each rank's own outcome, for the test to read
         result["error"] = f"{type(exc).__name__}: {exc}"
     (Path(out) / f"rank-{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    rt.shutdown()  # the production teardown: a barrier first, so no rank tears gloo down under another
 
 
 def encode_on_two_ranks(task: str, pipeline: Path, shards: Path, folder: Path, out: Path, port: int) -> list[dict]:

@@ -48,7 +48,7 @@ def _draws(rank: int, world: int, port: int, shards: str, same_seed: bool, out: 
     dist.all_gather_object(parts, (ae_noise, t_eps))
     if rank == 0:
         torch.save(parts, Path(out) / "draws.pt")
-    dist.destroy_process_group()
+    rt.shutdown()  # the production teardown: a barrier first, so no rank tears gloo down under another
 
 
 def gathered_draws(tmp_path: Path, shards: Path, same_seed: bool, port: int):

@@ -34,17 +34,6 @@ from brics_cli.errors import BricsError
 STEP_FILE = re.compile(r"^step-(\d{6,})\.safetensors$")
 
 
-def remove_stale_writes(folder: Path) -> int:
-    """Delete what writers killed mid-write left in `folder`; returns how many files.
-
-    That is brics' own `.NAME.tmpPID` (`core.files.temporary_name`) and safetensors' `.tmpXXXXXX`:
-    its Rust writer (0.5 and later) writes through a tempfile of its own in the target's folder and
-    renames it onto the name it was given, so a kill during `save_file` leaves that one behind.
-    Only for folders brics alone writes (run folders, the code cache), one writer at a time.
-    """
-    return remove_stale_temporaries(folder) + remove_stale_temporaries(folder, ".tmp??????")
-
-
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     """Save tensors + a JSON document (metadata key `brics`) atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +145,7 @@ class CheckpointDir:
         return [self.path(step) for step in reversed(self.steps())]
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-        remove_stale_writes(self.folder)  # left by a process killed mid-write
+        remove_stale_temporaries(self.folder)  # left by a process killed mid-write
         path = self.path(step)
         save_tensors_atomic(path, tensors, metadata)
         for old in self.steps()[: -self.keep] if self.keep > 0 else []:

@@ -57,15 +57,26 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def remove_stale_temporaries(folder: Path, pattern: str = ".*.tmp*") -> int:
-    """Delete temporary files left in `folder` by killed writers; returns how many."""
+# What killed writers leave: brics' own `.NAME.tmpPID` (`temporary_name`), and safetensors'
+# `.tmpXXXXXX` -- its Rust writer (0.5 and later) writes through a tempfile of its own in the
+# target's folder and renames it onto the name it was given, so a kill inside `save_file` leaves one.
+STALE_TEMPORARIES = (".*.tmp*", ".tmp??????")
+
+
+def remove_stale_temporaries(folder: Path, patterns: tuple[str, ...] | str = STALE_TEMPORARIES) -> int:
+    """Delete the temporary files killed writers left in `folder`; returns how many.
+
+    Only for folders brics alone writes (run folders, caches, shard and sample folders), and only
+    while it holds the folder's lock or before any rank writes: a live writer's temporary matches too.
+    """
     if not Path(folder).is_dir():
         return 0
     removed = 0
-    for stale in Path(folder).glob(pattern):
-        if stale.is_file():
-            stale.unlink(missing_ok=True)
-            removed += 1
+    for pattern in (patterns,) if isinstance(patterns, str) else patterns:
+        for stale in Path(folder).glob(pattern):
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
+                removed += 1
     return removed
 
 

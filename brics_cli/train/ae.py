@@ -41,7 +41,15 @@ from brics_cli.models.autoencoder import BRICSAutoencoder, decoder_provenance
 from brics_cli.models.discriminator import Discriminator
 from brics_cli.models.keycode import key_queries, tile_key_codes
 from brics_cli.train.ema import EMA
-from brics_cli.train.guard import DivergenceGuard, StopRequest, bad_terms, checkpoint_or_stop, grad_norm
+from brics_cli.train.guard import (
+    DivergenceGuard,
+    StopRequest,
+    bad_terms,
+    checkpoint_or_stop,
+    grad_norm,
+    load_checked,
+    read_resumable,
+)
 from brics_cli.train.losses import (
     gradient_penalty,
     logistic_discriminator_loss,
@@ -188,26 +196,12 @@ class AETrainer:
 
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint; raises `UnusableCheckpoint` for a file that cannot be resumed from."""
-        meta = ckpt.read_metadata(path, require=("kind", "step", "config", "optim", "rng", "data", "ema_updates"))
-        if meta["kind"] != "ae":
-            raise BricsError(f"{path}: not an autoencoder checkpoint")
-        changed = self.recipe.resume_conflicts(meta["config"], "ae")
-        if changed:
-            raise ConfigError(
-                f"{path.parent.parent}: its checkpoints were trained with different {', '.join(changed)}; "
-                f"start a new run (run.dir=... or --run-dir) or restore the recipe"
-            )
+        meta = read_resumable(path, "ae", ("step", "config", "optim", "rng", "data", "ema_updates"), self.recipe,
+                              "start a new run (run.dir=... or --run-dir)")
         if meta.get("world_size", 1) != self.rt.world_size:
             self.log(f"note: resuming a {meta.get('world_size')}-rank run on {self.rt.world_size} ranks: the ranks it had "
                      "restore their random streams, new ones start fresh; data order and noise differ from an uninterrupted run")
-        tensors = ckpt.load_tensors(path, device=self.rt.device)
-        try:
-            self._load_state(tensors, meta)
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:  # damaged: missing tensors or fields
-            raise ckpt.UnusableCheckpoint(f"{path}: its state does not load ({str(exc).splitlines()[0]!r}); the file is damaged") from exc
-        problem = self.guard.weights_problem(self.checked_modules(), self.rt, fresh=True)
-        if problem:  # written by a brics without the weight check, or damaged on disk
-            raise ckpt.UnusableCheckpoint(f"{path}: its weights fail the divergence check ({problem})")
+        load_checked(path, meta, self._load_state, self.guard, self.checked_modules(), self.rt)
         self.last_checkpoint = path
 
     def _load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ from torch import Tensor
 from brics_cli import __version__
 from brics_cli.config import to_dict
 from brics_cli.core import checkpoint as ckpt
-from brics_cli.core.files import atomic_write_json, sha256_file
+from brics_cli.core.files import atomic_write_json, remove_stale_temporaries, sha256_file
 from brics_cli.core.images import save_image_grid
 from brics_cli.core.progress import Progress
 from brics_cli.core.rng import gather_states, rank_seed, restore_states, seed_rank
@@ -43,13 +43,21 @@ from brics_cli.diffusion.config import DiffusionStageConfig, build_optimizer, lr
 from brics_cli.diffusion.loss import codes_to_x0, diffusion_loss, x0_to_codes
 from brics_cli.diffusion.samplers import sample_generators
 from brics_cli.diffusion.schedules import build_schedule
-from brics_cli.errors import BricsError, ConfigError
+from brics_cli.errors import BricsError
 from brics_cli.models.autoencoder import BRICSAutoencoder
 from brics_cli.models.unet import UNet
 from brics_cli.registry import SAMPLERS
 from brics_cli.runs import find_checkpoint
 from brics_cli.train.ema import EMA
-from brics_cli.train.guard import DivergenceGuard, StopRequest, bad_terms, checkpoint_or_stop, grad_norm
+from brics_cli.train.guard import (
+    DivergenceGuard,
+    StopRequest,
+    bad_terms,
+    checkpoint_or_stop,
+    grad_norm,
+    load_checked,
+    read_resumable,
+)
 from brics_cli.train.metrics_log import MetricsLog, Throughput
 
 PART_SIZE = 4096  # codes per cache file
@@ -105,7 +113,7 @@ def encode_dataset(ae, data_cfg, folder: Path, rt: Runtime, batch: int = 64, par
     of killed writers are removed first. A collective under torchrun: every rank calls it."""
     folder.mkdir(parents=True, exist_ok=True)
     if rt.is_main:
-        ckpt.remove_stale_writes(folder)  # a killed encoder's part and done.json temporaries, before any rank writes
+        remove_stale_temporaries(folder)  # a killed encoder's part and done.json temporaries, before any rank writes
     rt.barrier()
     t0 = time.perf_counter()
     cfg = replace(data_cfg, workers=0, shuffle=0, flip=False, resample=False, epoch_length=None)
@@ -275,21 +283,9 @@ class DiffusionTrainer:
 
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint; raises `UnusableCheckpoint` for a file that cannot be resumed from."""
-        meta = ckpt.read_metadata(path, require=("kind", "step", "config", "optim", "lr_scheduler", "rng", "ema_updates"))
-        if meta["kind"] != "diffusion":
-            raise BricsError(f"{path}: not a diffusion checkpoint")
-        changed = self.recipe.resume_conflicts(meta["config"], "diffusion")
-        if changed:
-            raise ConfigError(f"{path.parent.parent}: its checkpoints were trained with different {', '.join(changed)}; "
-                              "start a new run (--run-dir) or restore the recipe")
-        tensors = ckpt.load_tensors(path, device=self.rt.device)
-        try:
-            self._load_state(tensors, meta)
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:  # damaged: missing tensors or fields
-            raise ckpt.UnusableCheckpoint(f"{path}: its state does not load ({str(exc).splitlines()[0]!r}); the file is damaged") from exc
-        problem = self.guard.weights_problem(self.checked_modules(), self.rt, fresh=True)
-        if problem:  # written by a brics without the weight check, or damaged on disk
-            raise ckpt.UnusableCheckpoint(f"{path}: its weights fail the divergence check ({problem})")
+        meta = read_resumable(path, "diffusion", ("step", "config", "optim", "lr_scheduler", "rng", "ema_updates"), self.recipe,
+                              "start a new run (--run-dir)")
+        load_checked(path, meta, self._load_state, self.guard, self.checked_modules(), self.rt)
         self.last_checkpoint = path
 
     def _load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:

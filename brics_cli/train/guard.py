@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from brics_cli.core import checkpoint as ckpt
 from brics_cli.core.signals import StopRequest  # re-exported: the trainers' stop signals
-from brics_cli.errors import BricsError
+from brics_cli.errors import BricsError, ConfigError
 
-__all__ = ["DivergenceGuard", "StopRequest", "WeightCheck", "bad_terms", "checkpoint_or_stop", "grad_norm"]
+__all__ = ["DivergenceGuard", "StopRequest", "WeightCheck", "bad_terms", "checkpoint_or_stop", "grad_norm", "read_resumable",
+           "load_checked"]
 
 
 def grad_norm(params: list[Tensor]) -> float:
@@ -170,3 +172,30 @@ class DivergenceGuard:
     def rolled_back(self, total_before: int) -> None:
         """After the trainer reloaded `target`: a fresh streak; the run's bad-step count keeps counting."""
         self.must_roll_back, self.consecutive, self.total = False, 0, total_before
+
+
+def read_resumable(path: Path, kind: str, require: tuple[str, ...], recipe, fix: str) -> dict:
+    """The metadata of a checkpoint to resume a `kind` run from, refused (exit 2) when it is another
+    stage's or was trained with settings the recipe changed since; `fix` says how to start afresh."""
+    meta = ckpt.read_metadata(path, require=("kind", *require))
+    if meta["kind"] != kind:
+        raise BricsError(f"{path}: not {'an autoencoder' if kind == 'ae' else 'a ' + kind} checkpoint")
+    changed = recipe.resume_conflicts(meta["config"], kind)
+    if changed:
+        raise ConfigError(f"{path.parent.parent}: its checkpoints were trained with different {', '.join(changed)}; "
+                          f"{fix} or restore the recipe")
+    return meta
+
+
+def load_checked(path: Path, meta: dict, load_state, guard: "DivergenceGuard", modules: list[nn.Module], rt) -> None:
+    """Load a checkpoint's tensors with `load_state(tensors, meta)`, then hold the weights to the
+    divergence check: a file that does not load, or loads weights the guard would not trust, raises
+    `UnusableCheckpoint`, so that the caller falls back to the previous checkpoint."""
+    tensors = ckpt.load_tensors(path, device=rt.device)
+    try:
+        load_state(tensors, meta)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:  # damaged: missing tensors or fields
+        raise ckpt.UnusableCheckpoint(f"{path}: its state does not load ({str(exc).splitlines()[0]!r}); the file is damaged") from exc
+    problem = guard.weights_problem(modules, rt, fresh=True)
+    if problem:  # written by a brics without the weight check, or damaged on disk
+        raise ckpt.UnusableCheckpoint(f"{path}: its weights fail the divergence check ({problem})")

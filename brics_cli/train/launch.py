@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from brics_cli.config import to_dict
-from brics_cli.core.checkpoint import UnusableCheckpoint, remove_stale_writes
-from brics_cli.core.files import atomic_write_json, atomic_write_text
+from brics_cli.core.checkpoint import UnusableCheckpoint
+from brics_cli.core.files import atomic_write_json, atomic_write_text, remove_stale_temporaries
 from brics_cli.core.locks import folder_lock
 from brics_cli.core.runtime import Runtime, resolve_device, setup_runtime
 from brics_cli.errors import BricsError
@@ -50,7 +50,7 @@ def _train(trainer, folder: Path, cfg, rt: Runtime) -> dict[str, Any] | None:
     """Resume from the newest usable checkpoint, record the config, train; the result on rank 0."""
     if rt.is_main:
         for sub in ("", "samples", "checkpoints"):  # the temporaries of a run that was killed mid-write
-            remove_stale_writes(folder / sub)
+            remove_stale_temporaries(folder / sub)
     _resume(trainer, folder, announce=rt.is_main)
     if rt.is_main:
         _write_config(folder, cfg)
