@@ -7,6 +7,8 @@ the traceback is visible.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class BricsError(Exception):
     """Base class of every error meant for the user rather than the developer."""
@@ -24,3 +26,25 @@ class RegistryError(BricsError):
     """Unknown registry name, or two modules registering the same name."""
 
     exit_code = 2
+
+
+@dataclass(frozen=True)
+class Missing:
+    """One prerequisite a command lacks: what it is, and the command or file that fixes it."""
+
+    what: str  # e.g. "data.shards: shards/church"
+    fix: str
+
+    def line(self) -> str:
+        return f"{self.what} -- {self.fix}"
+
+
+class PrerequisitesMissing(BricsError):
+    """Inputs a command needs are not there (exit 2): all of them at once, one line each."""
+
+    exit_code = 2
+
+    def __init__(self, command: str, missing: list[Missing]) -> None:
+        self.missing = missing
+        lines = "\n".join(f"  - {m.line()}" for m in missing)
+        super().__init__(f"{command} cannot start; {len(missing)} prerequisite{'s' if len(missing) > 1 else ''} missing:\n{lines}")

@@ -162,7 +162,7 @@ def test_missing_perceptual_weights_stop_before_any_work(tmp_path, tiny_shards, 
     isolate_weights(monkeypatch, tmp_path)
     code, out, err = run_cli(monkeypatch, capsys, "ae-train", TINY_RECIPE, f"data.shards={tiny_shards}",
                              "ae.loss.perceptual_type=lpips-vgg", "ae.loss.perceptual=5", "--run-dir", tmp_path / "r")
-    assert code == 1
+    assert code == 2  # a missing prerequisite
     assert "vgg16-397923af.pth" in err and str(tmp_path / "torch" / "hub" / "checkpoints") in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
 

@@ -13,10 +13,12 @@ from brics_cli.registry import DECODERS
 
 
 def tiny_config(**code) -> AutoencoderConfig:
+    code = {"resolution": 8, "channels": 4, **code}
     return AutoencoderConfig(
-        code=CodeConfig(**{"resolution": 8, "channels": 4, **code}),
+        code=CodeConfig(**code),
         features=FeatureBlockConfig(resolution=16, channels=32),
-        encoder=EncoderConfig(channels=8, ch_mult=[1, 2], num_res_blocks=1),
+        # 32x32 images: one level per downsampling plus one (VQGAN's ch_mult meaning).
+        encoder=EncoderConfig(channels=8, ch_mult={8: [1, 2, 2], 16: [1, 2]}[code["resolution"]], num_res_blocks=1),
         grid=GridConfig(levels=4, r_min=4, r_max=32, log2_table_size=12),
         mlp=MLPConfig(hidden=16),
         decoder=DECODERS.get("stylegan").Config(channel_base=256, channel_max=32, mapping_layers=1),

@@ -54,7 +54,11 @@ def test_vqgan_f16_params_and_macs():
 def test_validation_errors(name):
     cls = DECODERS.get(name)
     with pytest.raises(ValueError, match=r"16 -> 64.*\[1, 1, 2, 2, 4\]"):
-        cls(cls.Config(), 8, 16, 64)  # 2 upsamplings but ch_mult has 5 levels
+        cls(cls.Config(ch_mult=[1, 1, 2, 2, 4]), 8, 16, 64)  # 2 upsamplings but ch_mult has 5 levels
+    with pytest.raises(ValueError, match=r"8 -> 512 \(6 x2 steps\).*more than f16's 4"):
+        cls(cls.Config(), 8, 8, 512)  # ch_mult null: f16's widths cover at most 4 upsamplings
+    assert cls(cls.Config(), 16, 64, 256).cfg.ch_mult == [2, 2, 4]  # the paper's 64x64 block: f16's last three widths
+    assert cls(cls.Config(), 16, 16, 256).cfg.ch_mult == [1, 1, 2, 2, 4]  # 16 -> 256: f16 itself
     with pytest.raises(ValueError, match="power of two"):
         cls(cls.Config(**SMALL), 16, 8, 24)
     with pytest.raises(ValueError, match="multiples of 32"):

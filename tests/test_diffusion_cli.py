@@ -103,7 +103,8 @@ def test_sample_under_torchrun_splits_indices_and_matches_one_process(runs, tmp_
 
 
 def test_sample_stops_cleanly_on_a_signal_to_its_group_and_a_second_writer_is_refused(runs, tmp_path):
-    args = ["sample", "--run", str(runs / "diffusion"), "--n", "12", "--sampler", "ddpm", "--steps", "60", "--batch", "4"]
+    # 400 steps a batch: the first run is still sampling while the second starts (a whole interpreter) and is refused
+    args = ["sample", "--run", str(runs / "diffusion"), "--n", "12", "--sampler", "ddpm", "--steps", "400", "--batch", "4"]
     brics(*args, "--out", tmp_path / "straight")
     out = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, "-m", "brics_cli", *args, "--out", str(out)], stdout=subprocess.PIPE,

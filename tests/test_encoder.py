@@ -10,7 +10,8 @@ from brics_cli.models.encoder import AttnBlock, Downsample, Encoder, EncoderConf
 
 
 def tiny(**overrides) -> EncoderConfig:
-    return EncoderConfig(**{"channels": 8, "ch_mult": [1, 2], "num_res_blocks": 1, **overrides})
+    # [1, 2, 2]: three levels, two downsamplings (16 -> 4, 32 -> 8 below).
+    return EncoderConfig(**{"channels": 8, "ch_mult": [1, 2, 2], "num_res_blocks": 1, **overrides})
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -20,38 +21,39 @@ def count_params(module: torch.nn.Module) -> int:
 @pytest.mark.parametrize("resolution, code_resolution", [(8, 8), (16, 8), (32, 8), (64, 4)])
 def test_output_shape_for_each_ratio(resolution, code_resolution):
     torch.manual_seed(0)
-    enc = Encoder(tiny(), resolution, code_resolution, out_channels=5)
+    enc = Encoder(tiny(ch_mult=None), resolution, code_resolution, out_channels=5)  # derived: one level per ratio
     z = enc(torch.rand(2, 3, resolution, resolution) * 2 - 1)
     assert z.shape == (2, 5, code_resolution, code_resolution)
-    assert len(enc.ch_mult) == max(2, enc.n_down + 1)  # ch_mult is extended only when too short
-    assert sum(isinstance(m, Downsample) for m in enc.modules()) == math.log2(resolution // code_resolution)
+    n_down = int(math.log2(resolution // code_resolution))
+    assert len(enc.ch_mult) == n_down + 1  # VQGAN: len(ch_mult) - 1 downsamplings
+    assert sum(isinstance(m, Downsample) for m in enc.modules()) == n_down
+    # The derived widths: min(512, channels * 2^(i+1)).
+    assert [8 * m for m in enc.ch_mult] == [min(512, 8 * 2 ** (i + 1)) for i in range(n_down + 1)]
 
 
-def test_short_ch_mult_repeats_last_multiplier():
-    enc = Encoder(EncoderConfig(channels=8, ch_mult=[1, 2, 3], num_res_blocks=1), 256, 16, 4)
-    assert enc.ch_mult == [1, 2, 3, 3, 3]  # 4 downsamples need 5 levels
-    assert enc.conv_out.in_channels == 8 * 3
-
-
-def test_default_size_matches_authors_encoder():
-    # REFERENCES Sec. 8: the authors' 256 -> 64x64x4 encoder has ~3.47M parameters.
-    n = count_params(Encoder(EncoderConfig(mid_block=False), 256, 64, out_channels=4))
-    assert abs(n - 3.47e6) / 3.47e6 < 0.15, n
-    # VQGAN's mid block (ResnetBlock, AttnBlock, ResnetBlock at 256 channels) is what the option adds.
-    c = 256
-    resnet = 2 * (9 * c * c + c) + 4 * c
-    attn = 4 * (c * c + c) + 2 * c
-    with_mid = count_params(Encoder(EncoderConfig(mid_block=True), 256, 64, out_channels=4))
-    assert with_mid - n == 2 * resnet + attn
+@pytest.mark.parametrize(
+    "ch_mult, resolution, code_resolution, suggestion",
+    [([1, 2, 4, 8], 256, 64, [1, 2, 4]), ([1, 2, 3], 256, 16, [1, 2, 3, 3, 3]), ([1, 2], 8, 8, [1])],
+)
+def test_ch_mult_of_the_wrong_length_is_refused_with_a_suggestion(ch_mult, resolution, code_resolution, suggestion):
+    # Never a level without downsampling, never a silently extended list.
+    cfg = EncoderConfig(channels=8, ch_mult=ch_mult, num_res_blocks=1)
+    with pytest.raises(ValueError) as info:
+        Encoder(cfg, resolution, code_resolution, out_channels=4)
+    message = str(info.value)
+    n_down = int(math.log2(resolution // code_resolution))
+    assert "ae.encoder.ch_mult" in message and f"{len(ch_mult) - 1} downsampling" in message
+    assert f"needs {n_down}" in message and f"ae.encoder.ch_mult={suggestion}" in message
+    fixed = EncoderConfig(channels=8, ch_mult=suggestion, num_res_blocks=1)
+    assert Encoder(fixed, resolution, code_resolution, out_channels=4).ch_mult == suggestion
 
 
 @pytest.mark.parametrize("mid_block", [False, True])
 def test_attention_only_at_code_resolution_by_default(mid_block):
     cfg = tiny(num_res_blocks=2, mid_block=mid_block)
     enc = Encoder(cfg, 32, 8, out_channels=4)
-    # Levels run at 32, 16, then 8 for every level after the n_down-th: those hold the attention.
-    levels_at_code_res = len(enc.ch_mult) - enc.n_down
-    expected = cfg.num_res_blocks * levels_at_code_res + int(mid_block)
+    # Levels run at 32, 16 and 8: only the last, at the code resolution, holds attention.
+    expected = cfg.num_res_blocks + int(mid_block)
     assert sum(isinstance(m, AttnBlock) for m in enc.modules()) == expected
     for i, level in enumerate(enc.down):
         has_attn = [isinstance(a, AttnBlock) for a in level.attn]

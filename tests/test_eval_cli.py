@@ -81,19 +81,19 @@ def test_eval_without_weights_stops_at_once_offline(tmp_path, world):
 
     proc, seconds = brics("eval", "fid", "--samples", str(world["samples"]), "--ref", str(world["shards"]))
     hub = tmp_path / "torch" / "hub" / "checkpoints"
-    assert proc.returncode == 1 and seconds < 30
+    assert proc.returncode == 2 and seconds < 30  # a missing prerequisite
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: missing pretrained weight file 'weights-inception-2015-12-05-6726825d.pth'")
     assert f"{hub}/" in proc.stderr
     assert not (tmp_path / "cache").exists()  # stopped before exporting the reference
 
     proc, _ = brics("eval", "all", "--samples", str(world["samples"]), "--ref", str(world["shards"]))
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     for name in ("weights-inception-2015-12-05-6726825d.pth", "vgg16-397923af.pth", "ViT-B-32.pt", str(tmp_path / "home" / ".cache" / "clip")):
         assert name in proc.stderr
 
     proc, _ = brics("nn-search", "--samples", str(world["samples"]), "--ref", str(world["shards"]))
-    assert proc.returncode == 1 and "alexnet-owt-7be5be79.pth" in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.returncode == 2 and "alexnet-owt-7be5be79.pth" in proc.stderr and proc.stderr.count("\n") == 1
 
     proc, _ = brics("weights", "fetch", "vgg16")  # tries the network, which is blocked: one line, exit 1
     assert proc.returncode == 1 and proc.stderr.startswith("error: could not download") and proc.stderr.count("\n") == 1

@@ -19,7 +19,8 @@ def test_the_wheel_carries_the_presets_and_runs_outside_the_checkout(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
                    check=True, capture_output=True)
     wheel = next(dist.glob("brics-*.whl"))
-    assert {f"brics_cli/recipes/{n}.yaml" for n in ("church", "demo", "ffhq", "webvid")} <= set(zipfile.ZipFile(wheel).namelist())
+    assert {f"brics_cli/recipes/{n}.yaml" for n in ("church", "demo", "ffhq", "webvid")} | {"brics_cli/paper_rows.yaml"} <= set(
+        zipfile.ZipFile(wheel).namelist())
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -45,8 +46,14 @@ def test_the_wheel_carries_the_presets_and_runs_outside_the_checkout(tmp_path):
                            capture_output=True, text=True, cwd=work, env=env, check=True).stdout.split()
     assert where[0].startswith(str(site)) and where[1] == "True"  # the installed package, with the demo's recipe
     listed = brics("recipes", "list", "--json")
-    assert set(listed) == {"church", "demo", "ffhq", "webvid"} and all(Path(v["file"]).is_relative_to(site) for v in listed.values())
+    presets = listed["presets"]
+    assert set(presets) == {"church", "demo", "ffhq", "webvid"} and all(Path(v["file"]).is_relative_to(site) for v in presets.values())
+    assert "ffhq-16x16x8" in listed["rows"]  # the paper's rows ship too
     info = brics("info", "church", "--json")
     assert info["recipe"] == "church" and round(info["components"]["grids"]["params"] / 1e6, 1) == 18.6  # Table 3
-    plan = brics("ae-train", "demo", "--dry-run", "--json", f"run.dir={work / 'runs'}")
-    assert plan["dry_run"] is True and plan["steps"] > 0
+    assert info["paper"]["grid_params"] == 18_600_000
+    row = brics("info", "ffhq-16x16x8", "--json")
+    assert round(row["components"]["grids"]["params"] / 1e6, 1) == 21.2
+    brics("shard", "demo", "--out", "shards/demo", "--resolution", "32", "--train-count", "8", "--val-count", "4", "--json")
+    plan = brics("ae-train", "demo", "--dry-run", "--json", "data.shards=shards/demo", f"run.dir={work / 'runs'}")
+    assert plan["dry_run"] is True and plan["steps"] > 0 and plan["missing"] == []

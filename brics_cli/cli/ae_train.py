@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from brics_cli.cli.output import emit_json, print_plan
+from brics_cli.cli.output import emit_json, finish_plan
 
 
 def ae_train(
@@ -30,10 +30,10 @@ def ae_train(
     result = train_autoencoder(load_recipe(recipe, overrides or []), recipe, run_dir, device, dry_run)
     if result is None:  # not rank 0
         return
-    if json_output:
+    if dry_run:
+        finish_plan(result, json_output, width=20)
+    elif json_output:
         emit_json(result)
-    elif dry_run:
-        print_plan(result, width=20)
     else:
         print_training_result(result)
 

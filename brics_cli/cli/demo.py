@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -26,13 +27,17 @@ def demo(
         task = progress.task("demo", len(names), unit="stages")
 
         def on_stage(stage, i, total):
-            what = f"skipped ({stage.optional_reason})" if stage.status == "skipped" else f"{stage.seconds:6.1f} s"
+            what = {"skipped": f"skipped ({stage.optional_reason})", "stopped": "stopped: it saved its state"}.get(
+                stage.status, f"{stage.seconds:6.1f} s")
             progress.log(f"[{i + 1}/{total}] {stage.name:<16} {what}")
             task.advance(1)
 
         summary = run_demo(out, quick, on_stage)
     if json_output:
         emit_json(summary)
+        return
+    if summary.get("stopped"):
+        print(f"stopped by {summary['signal']} during {summary['stage']}; rerun the same `brics demo` to continue", file=sys.stderr)
         return
     r = summary["reconstruction"]
     print(f"PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f} on {r['images']} held-out crops; "

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from brics_cli.cli.ae_train import print_training_result
-from brics_cli.cli.output import emit_json, print_plan
+from brics_cli.cli.output import emit_json, finish_plan
 
 
 def diffusion_train(
@@ -31,9 +31,9 @@ def diffusion_train(
     result = train_diffusion(load_recipe(recipe, overrides or []), recipe, ae_run, run_dir, device, dry_run)
     if result is None:  # not rank 0
         return
-    if json_output:
+    if dry_run:
+        finish_plan(result, json_output, width=15)
+    elif json_output:
         emit_json(result)
-    elif dry_run:
-        print_plan(result, width=15)
     else:
         print_training_result(result)

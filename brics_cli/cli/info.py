@@ -22,7 +22,7 @@ def info(
     one denoising step of the diffusion UNet on one key code."""
     from brics_cli.config import to_dict
     from brics_cli.errors import ConfigError
-    from brics_cli.recipe import load_recipe
+    from brics_cli.recipe import load_recipe, paper_figures
 
     cfg = load_recipe(recipe, overrides or [])
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
@@ -34,7 +34,7 @@ def info(
         report = component_report(cfg.ae, cfg.data.resolution, unet=cfg.diffusion.model)
     except ValueError as exc:  # a combination of sizes the model cannot be built with
         raise ConfigError(f"{recipe}: {exc}") from exc
-    result = {"recipe": str(recipe), "resolution": cfg.data.resolution, **report}
+    result = {"recipe": str(recipe), "resolution": cfg.data.resolution, **report, "paper": paper_figures(recipe)}
     if memory:
         if device.startswith("cuda"):
             import torch
@@ -61,11 +61,18 @@ def _print_table(result: dict) -> None:
     table.add_column("component")
     table.add_column("params", justify="right")
     table.add_column("MACs", justify="right")
+    paper = result["paper"]
+    if paper:  # Table 3's figures (its "GFlops" are MACs: REFERENCES section 4)
+        table.add_column("paper", justify="right")
+    figures = {"grids": human_count(paper["grid_params"]) if "grid_params" in paper else "",
+               "decoder": human_count(paper["decoder_params"]) if "decoder_params" in paper else "",
+               "decode": f"{paper['decode_gmac']:.2f}G" if "decode_gmac" in paper else ""}
     for name, c in result["components"].items():
         label = f"{name} (one step, {result['config']['ae']['code']['resolution']}^2 code)" if name == "unet" else name
-        table.add_row(label, human_count(c["params"]), human_count(c["macs"]))
+        table.add_row(label, human_count(c["params"]), human_count(c["macs"]), *([figures.get(name, "")] if paper else []))
     d = result["decode"]
-    table.add_row("[bold]decode[/] (grids + retrieval + decoder)", human_count(d["params"]), human_count(d["macs"]), end_section=True)
+    table.add_row("[bold]decode[/] (grids + retrieval + decoder)", human_count(d["params"]), human_count(d["macs"]),
+                  *([figures["decode"]] if paper else []), end_section=True)
     console = Console()
     console.print(table)
     g = result["grid"]

@@ -20,7 +20,18 @@ def human_count(n: float, unit: str = "") -> str:
 
 
 def print_plan(plan: dict, width: int) -> None:
-    """A `--dry-run` plan, one `key: value` per line, keys right-aligned."""
+    """A `--dry-run` plan, one `key: value` per line, keys right-aligned; then what is missing."""
     for key, value in plan.items():
-        if key != "dry_run":
+        if key not in ("dry_run", "missing"):
             print(f"{key:>{width}}: {value}")
+    for item in plan.get("missing", []):
+        print(f"{'missing':>{width}}: {item['what']} -- {item['fix']}")
+
+
+def finish_plan(plan: dict, json_output: bool, width: int) -> None:
+    """Print a `--dry-run` plan (JSON or text); exit 2 when a prerequisite is missing, as the real run would."""
+    import typer
+
+    emit_json(plan) if json_output else print_plan(plan, width)
+    if plan.get("missing"):
+        raise typer.Exit(2)

@@ -16,8 +16,9 @@ def weights_status(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check sha256 of present files (reads them once)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
-    """Every pretrained file any command may need: where it is expected, whether it is present, whether its sha256
-    is the published one, and which commands need it. Honours BRICS_WEIGHTS_DIR, TORCH_HOME and XDG_CACHE_HOME."""
+    """Every pretrained file any command may need: where it is expected, whether it is present, its sha256 (the
+    file's own where present) and whether that is the published one, and which commands need it. Honours
+    BRICS_WEIGHTS_DIR, TORCH_HOME and XDG_CACHE_HOME."""
     from brics_cli.nets.weights import status
 
     rows = status(verify=verify)
@@ -28,16 +29,19 @@ def weights_status(
     from rich.table import Table
 
     table = Table(title="pretrained weight files")
-    for column in ("name", "file", "state", "where", "needed by"):
+    for column in ("name", "file", "state", "sha256", "where", "needed by"):
         table.add_column(column, overflow="fold")
     for r in rows:
         if not r["present"]:
             state = "[red]missing[/]"
+        elif r["sha256"] is None and r["actual_sha256"]:
+            state = "present, no published sha256"
         elif r["sha256_ok"] is None:
             state = "present"
         else:
             state = "[green]ok[/]" if r["sha256_ok"] else "[yellow]checksum differs[/]"
-        table.add_row(r["name"], r["file"], state, r["path"] or r["expected_dir"] + "/", ", ".join(r["used_by"]))
+        sha = r["actual_sha256"] or r["sha256"] or "not published"  # the file's own where present, else the published one
+        table.add_row(r["name"], r["file"], state, sha[:16], r["path"] or r["expected_dir"] + "/", ", ".join(r["used_by"]))
     Console().print(table)
 
 

@@ -64,7 +64,8 @@ def shard_urls(shards: str, split: str) -> list[str]:
 
         urls = list(braceexpand.braceexpand(shards))
         if len(urls) == 1 and "://" not in shards and not shards.startswith("pipe:") and not Path(urls[0]).exists():
-            raise ConfigError(f"data.shards: {shards} is neither a shard folder nor a shard URL pattern")
+            raise ConfigError(f"data.shards: {shards} is neither a shard folder nor a shard URL pattern; make it with "
+                              f"`brics shard SOURCE ... --out {shards}` (sources: `brics shard --help`) or set data.shards=PATH")
     if not urls:
         raise ConfigError(f"data.shards: no '{split}' shards in {shards}")
     return urls

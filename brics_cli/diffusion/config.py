@@ -4,7 +4,8 @@
       model:    {model_channels: 256, channel_mult: [1, 2, 3, 4], ...}     brics_cli/models/unet.py
       schedule: {name: cosine-variant, start: 0.2, end: 1.0, tau: 1.5}     a SCHEDULES entry
       optim:    {lr: 8.0e-4, warmup_steps: 10000, decay_steps: 1000000, ema: 0.9999}
-      train:    {steps, batch: 64, micro_batch, bf16, compile, log_every, sample_every, checkpoint_every}
+      train:    {steps, batch: 64, micro_batch, bf16, compile, log_every, sample_every, checkpoint_every,
+                 eval_every: 0, eval_samples, eval_sampler, eval_steps, eval_batch, eval_seed}
       sample:   {sampler: ddpm, steps: 1000, eta: 0.0, clip_x0: true}      a SAMPLERS entry
 
 `schedule` is resolved through the registry by its `name` like `ae.decoder`: its other keys are the
@@ -69,10 +70,30 @@ class DiffusionTrainConfig:
     checkpoint_every: int = 10_000
     max_bad_steps: int = 10  # bad steps in a row (non-finite loss, or weights failing the check) before a rollback
     max_rollbacks: int = 2  # rollbacks in a row to the same checkpoint before the run stops
+    # Metrics while training (Fig. 11; brics_cli/train/eval_curve.py). Off by default: one evaluation
+    # costs eval_samples x eval_steps UNet passes (+ a decode and an Inception pass for FID): 50k
+    # passes with the defaults, the compute of a few hundred training steps of batch 64.
+    eval_every: int = 0  # steps between evaluations (and one at the last step); 0 = off
+    eval_samples: int = 1000  # codes sampled with the EMA UNet per evaluation (the paper's curve: 5000)
+    eval_sampler: str = "ddim"  # a SAMPLERS entry, run deterministically (eta = 0)
+    eval_steps: int = 50  # sampler steps of each evaluation
+    eval_batch: int = 64  # codes per sampler / decoder / Inception batch (whole batches per rank)
+    eval_seed: int = 0  # the noise of sample i (the same at every evaluation) and the reference codes drawn
 
     def validate(self) -> None:
         if min(self.steps, self.log_every, self.sample_every, self.checkpoint_every, self.max_bad_steps) < 1:
             raise ValueError("diffusion.train.steps, max_bad_steps and the *_every intervals must be >= 1")
+        if self.eval_every < 0:
+            raise ValueError(f"diffusion.train.eval_every must be >= 0 (0 = off), got {self.eval_every}")
+        if self.eval_samples < 2:
+            raise ValueError(f"diffusion.train.eval_samples must be >= 2 (a covariance needs two), got {self.eval_samples}")
+        if self.eval_steps < 1 or self.eval_batch < 1:
+            raise ValueError(f"diffusion.train.eval_steps and eval_batch must be >= 1, got {self.eval_steps} and {self.eval_batch}")
+        if self.eval_sampler not in SAMPLERS:
+            try:
+                SAMPLERS.get(self.eval_sampler)
+            except RegistryError as exc:  # lists what exists and the closest name
+                raise ValueError(f"diffusion.train.eval_sampler: {exc}") from None
         if self.batch < 1:
             raise ValueError(f"diffusion.train.batch must be >= 1, got {self.batch}")
         if self.micro_batch is not None and self.micro_batch < 1:
@@ -92,10 +113,14 @@ class DiffusionTrainConfig:
         return micro, per_rank // micro
 
 
+NO_ETA_SAMPLERS = ("ddpm", "dpm-solver++", "heun")  # the built-ins without an eta (ddim has one)
+
+
 @dataclass
 class DiffusionSampleConfig:
-    sampler: str = "ddpm"  # a SAMPLERS entry: ddpm (ancestral) or ddim
-    steps: int = 1000  # the authors sample with 1000 ancestral steps
+    # A SAMPLERS entry: ddpm (ancestral), ddim, dpm-solver++ (2M) or heun (EDM); brics_cli/diffusion/samplers.py
+    sampler: str = "ddpm"
+    steps: int = 1000  # the authors sample with 1000 ancestral steps; heun: intervals, ~2 UNet calls each
     eta: float = 0.0  # ddim only: 0 = deterministic, 1 = ancestral
     clip_x0: bool = True  # clamp each x0 prediction to [-1, 1]
 
@@ -107,7 +132,7 @@ class DiffusionSampleConfig:
                 raise ValueError(f"diffusion.sample.sampler: {exc}") from None
         if self.steps < 1:
             raise ValueError(f"diffusion.sample.steps must be >= 1, got {self.steps}")
-        if self.eta < 0 or (self.sampler == "ddpm" and self.eta != 0):
+        if self.eta < 0 or (self.sampler in NO_ETA_SAMPLERS and self.eta != 0):
             raise ValueError(f"diffusion.sample.eta must be >= 0 and applies to ddim only (got {self.eta} for {self.sampler})")
 
 

@@ -11,9 +11,10 @@ falling from gamma(0) ~ 1 (clean data) to gamma(1) ~ 0 (pure noise). Registered 
                     s = 0.008 -- Table 4's config (a), with `min_snr_gamma: 5` (Hang et al. 2023)
     cosine-variant  Chen 2023, Algorithm 1: start 0.2, end 1, tau 1.5 -- config (b), the default
     linear          DDPM (Ho et al. 2020): betas linear 1e-4 .. 0.02 over 1000 steps
+    linear-alpha    gamma = 1 - t (Chen 2023; the paper's Suppl. D.2 and Fig. 14): logSNR = log((1 - t) / t)
 
 Endpoints: every gamma is clipped to [GAMMA_MIN, GAMMA_MAX] = [1e-9, 1 - 1e-9]. Without the
-lower clip gamma(1) = 0 (cosine, cosine-variant) and logSNR(1) = -inf, which the UNet's noise-level
+lower clip gamma(1) = 0 (cosine, cosine-variant, linear-alpha) and logSNR(1) = -inf, which the UNet's noise-level
 embedding cannot take; Chen 2023 clips at 1e-9, and 1e-9 is also about where the discrete cosine
 schedule ends (its last beta is clipped at 0.999). The upper clip keeps logSNR(0) finite for a
 t ~ U(0, 1) draw of exactly 0. Both clips give |logSNR| <= LOGSNR_MAX = 20.7. Samplers never
@@ -208,6 +209,35 @@ class LinearSchedule(Schedule):
         frac = x - k
         k = k.long()
         return torch.exp(table[k] * (1 - frac) + table[k + 1] * frac)
+
+
+@dataclass
+class LinearAlphaScheduleConfig:
+    name: str = "linear-alpha"
+    min_snr_gamma: float | None = None
+
+    def validate(self) -> None:
+        _check_min_snr(self.min_snr_gamma)
+
+
+@SCHEDULES.register("linear-alpha")
+class LinearAlphaSchedule(Schedule):
+    """alpha_bar(t) = gamma(t) = 1 - t (Chen 2023, "On the importance of noise scheduling", Sec. 2;
+    the paper's Suppl. D.2): q(x_t | x0) = N(sqrt(1 - t) x0, t I), logSNR(t) = log((1 - t) / t).
+
+    It spends far less of t at low SNR than the cosine schedules (Fig. 14): logSNR < -2.5 on 7.6% of
+    t against 18% (cosine) and 33% (cosine-variant), the phase that lays out the coarse shape (Fig. 13). The paper found no spot artifacts with it, but a
+    worse 5k FID (9.33 relaxed precision, 9.80 KL) from lower diversity. gamma(1) = 0 is clipped to
+    1e-9 like the cosine schedules' (logSNR(1) = -20.7), gamma(0) = 1 to 1 - 1e-9.
+    """
+
+    Config = LinearAlphaScheduleConfig
+
+    def __init__(self, cfg: LinearAlphaScheduleConfig | None = None) -> None:
+        self.cfg = cfg or LinearAlphaScheduleConfig()
+
+    def _gamma(self, t: Tensor) -> Tensor:
+        return 1.0 - t
 
 
 def build_schedule(cfg: Any) -> Schedule:

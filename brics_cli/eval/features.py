@@ -9,20 +9,29 @@ workers) with a network applied to uint8 batches that returns named (B, D) featu
   bilinear as TF 1.x to 224 inside.
 - `clip`: clean-fid's CLIP ViT-B/32 path (`CLIP_fx`, `img_preprocess_clip`: PIL bicubic resize of
   the short side to 224, centre crop, CLIP normalisation) -> "clip" (CLIP-FID).
+- `dinov2`: DINOv2 ViT-L/14 as EDM2 feeds it (dinov2.py: bicubic + antialias resize to 224, ImageNet
+  normalisation) -> "dinov2", the normalised class token (FD-DINOv2).
 
 Each loads its weight file through `weights.require_all` (never a download). Tests plug in other
 `Extractor`s (real networks with fixed random weights) through the same path. Features of a set of
 images are cached (`cached_features`), keyed by the set's fingerprint and the extractor (incl. its
-weight sha256). A file that does not decode is left out and named (`extract(..., unreadable=)`);
-the decoding runs in the DataLoader workers, so the failure is caught there, per file. Under
+weight sha256). Parallel processes filling one cache file take turns through a file lock
+(`<cache>/locks/features-FILE.lock`), the second then reading what the first wrote; every cache file
+is written to a temporary name and renamed into place, so a reader never sees a partial one. A file
+that does not decode is left out and named (`extract(..., unreadable=)`); the decoding runs in the
+DataLoader workers, so the failure is caught there, per file. Under
 torchrun each rank extracts a block of whole batches and the blocks are gathered (ranks.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import sys
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from brics_cli.core.files import atomic_write_bytes
 from brics_cli.core.runtime import Runtime
 from brics_cli.errors import BricsError
 from brics_cli.eval.ranks import batch_block, everywhere, gather
@@ -123,7 +133,18 @@ def production_extractors() -> dict[str, Extractor]:
             "clean-fid clip_vit_b_32", ("clip",), _cleanfid_clip, ("clip-vit-b-32",), preprocess=_clip_preprocess,
             resize="clean-fid: PIL bicubic resize of the short side to 224, centre crop 224x224",
         ),
+        "dinov2": Extractor(
+            "DINOv2 ViT-L/14 (dinov2_vitl14), EDM2 protocol", ("dinov2",), _dinov2, ("dinov2-vit-l-14",),
+            resize="EDM2: torch bicubic with antialias to 224x224 (aspect not kept), /255, ImageNet mean/std; "
+                   "feature: class token after the final LayerNorm (1024-d)",
+        ),
     }
+
+
+def _dinov2(paths, device):
+    from brics_cli.eval.dinov2 import dinov2_network
+
+    return dinov2_network(paths, device)
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -208,14 +229,32 @@ def cached_features(
 
     Returns (features, cache_hit). `network_factory` is called only on a miss. Unreadable files are
     recorded in `unreadable` (see `extract`); features of a set with unreadable files are not cached:
-    a cache hit could not name them. Under torchrun (`rt`) each rank extracts a block of whole
-    batches (ranks.py) and every rank gets all the features; rank 0 alone writes the cache.
+    a cache hit could not name them. A miss is filled under the cache file's lock (`fill_lock`), so
+    a second process asking for the same features waits and then reads them. Under torchrun (`rt`)
+    each rank extracts a block of whole batches (ranks.py) and every rank gets all the features;
+    rank 0 alone holds the lock and writes the cache.
     """
     key = hashlib.sha256(f"{fingerprint}:{len(files)}".encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"features-{extractor.cache_key()}-{key}.npz"
     cached = _read_cache(path, extractor.features)
     if everywhere(rt, cached is not None):  # one decision for all ranks: they meet in the same gathers
         return cached, True
+    with fill_lock(path, rt):
+        cached = _read_cache(path, extractor.features)  # filled by the process we waited for?
+        if everywhere(rt, cached is not None):
+            return cached, True
+        feats, found = _extract_shared(files, extractor, network_factory, unreadable is not None, device, batch_size, workers,
+                                       progress, rt)
+        if found:
+            unreadable.update(found)
+            return feats, False
+        if rt is None or rt.is_main:
+            _write_cache(path, feats)
+    return feats, False
+
+
+def _extract_shared(files, extractor, network_factory, tolerate_unreadable, device, batch_size, workers, progress, rt):
+    """(features of every file, {name: reason} of the unreadable ones): each rank extracts its block, gathered in order."""
     rows = batch_block(len(files), batch_size, rt)
 
     def my_share() -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -223,7 +262,7 @@ def cached_features(
         if not rows:
             return {}, found
         feats = extract([files[i] for i in rows], extractor, network_factory(), device, batch_size, workers, progress,
-                        None if unreadable is None else found)
+                        found if tolerate_unreadable else None)
         return feats, found
 
     parts = gather(rt, my_share)
@@ -231,12 +270,46 @@ def cached_features(
         progress(len(files) - len(rows))  # the other ranks' images
     feats = {name: _stack_rows([p[name] for p, _ in parts if p]) for name in extractor.features}
     found = {name: reason for _, part in parts for name, reason in part.items()}  # in file order: blocks in rank order
-    if found:
-        unreadable.update(found)
-        return feats, False
+    return feats, found
+
+
+def lock_path(path: Path) -> Path:
+    """Where the fill lock of cache entry `path` lives: `<cache>/locks/<folder>-<name>.lock`, beside the data
+    folders rather than in them (a lock file outlives its holder: deleting it would let two holders in)."""
+    path = Path(path)
+    return path.parent.parent / "locks" / f"{path.parent.name}-{path.name}.lock"
+
+
+@contextmanager
+def fill_lock(path: Path, rt: Runtime | None = None):
+    """Hold `lock_path(path)` (an flock, released by the kernel if the holder dies) while `path` is filled;
+    rank 0 alone under torchrun. Waits for another holder, saying so once. No lock where the cache cannot be
+    written: nothing is cached there either."""
+    lock = None
     if rt is None or rt.is_main:
-        _write_cache(path, feats)
-    return feats, False
+        lock = _acquire(Path(path))
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _acquire(path: Path):
+    from filelock import FileLock, Timeout
+
+    try:
+        where = lock_path(path)
+        where.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(where))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"note: another process is filling {path}; waiting for it", file=sys.stderr)
+            lock.acquire()
+    except OSError:  # a read-only cache: work without it
+        return None
+    return lock
 
 
 def _stack_rows(blocks: list[np.ndarray]) -> np.ndarray:
@@ -246,17 +319,25 @@ def _stack_rows(blocks: list[np.ndarray]) -> np.ndarray:
 
 
 def _read_cache(path: Path, names: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """The cached features, or None when absent or unreadable (a file cut short before writes were atomic: refilled)."""
     if not path.is_file():
         return None
-    with np.load(path) as data:
-        return {name: data[name] for name in names} if all(name in data for name in names) else None
+    try:
+        with np.load(path) as data:
+            return {name: data[name] for name in names} if all(name in data for name in names) else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """`np.savez` to a temporary name beside `path`, then renamed over it (core/files.py): never a partial file."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(Path(path), buffer.getbuffer())
 
 
 def _write_cache(path: Path, feats: dict[str, np.ndarray]) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, **feats)
-        os.replace(tmp, path)
+        save_npz_atomic(path, feats)
     except OSError:
-        pass  # a read-only folder: features are simply not cached
+        pass  # a read-only folder or a full disk: features are simply not cached

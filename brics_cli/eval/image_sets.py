@@ -9,7 +9,9 @@
 - A shard folder is exported once, as the images stored in its tars (no re-encoding), into a cache
   folder the metric libraries can read: `$BRICS_CACHE_DIR` (default `~/.cache/brics`)
   `/reference/<sha256 of manifest.json, 16 hex>-<split>/`; it is reused while the shard manifest's
-  hash is unchanged and every exported file keeps the size it was written with.
+  hash is unchanged and every exported file keeps the size it was written with. The export is
+  written to a temporary folder and renamed into place, under a file lock
+  (`$BRICS_CACHE_DIR/locks/reference-<folder>.lock`), so parallel runs on one reference export it once.
 - Reconstructions: a folder written by `brics reconstruct` holding `inputs/` and `recon/` with PNGs of
   the same names (pairs matched by name).
 - Unreadable images (truncated, empty, not an image) are left out and named in the result
@@ -163,12 +165,33 @@ def export_shards(shards: Path, split: str, progress: Callable[[int, int], None]
     if not names:
         raise ConfigError(f"--ref: {shards} has no '{split}' shards")
     target = cache_root() / "reference" / f"{manifest_sha[:16]}-{split}"
+    done = _finished_export(target, manifest_sha)
+    if done is not None:
+        return ImageSet(done, target, manifest_sha, "shards", manifest_sha, str(shards.resolve()), split)
+    from brics_cli.eval.features import fill_lock  # here: features.py imports torch, this module need not
+
+    with fill_lock(target):  # a parallel `brics eval` on the same shards exports once; the other waits, then reads
+        done = _finished_export(target, manifest_sha)
+        if done is not None:
+            return ImageSet(done, target, manifest_sha, "shards", manifest_sha, str(shards.resolve()), split)
+        return _export(shards, manifest, manifest_sha, names, split, target, progress)
+
+
+def _finished_export(target: Path, manifest_sha: str) -> list[Path] | None:
+    """The files of a complete, intact export of these shards in `target`, or None."""
     record = target / "export.json"
-    if record.is_file():
+    if not record.is_file():
+        return None
+    try:
         done = json.loads(record.read_text())
-        files = [target / f for f in done["files"]]
-        if done.get("manifest_sha256") == manifest_sha and _intact(files, done.get("sizes")):
-            return ImageSet(files, target, manifest_sha, "shards", manifest_sha, str(shards.resolve()), split)
+    except (OSError, ValueError):
+        return None
+    files = [target / f for f in done.get("files", [])]
+    return files if done.get("manifest_sha256") == manifest_sha and _intact(files, done.get("sizes")) else None
+
+
+def _export(shards: Path, manifest: dict, manifest_sha: str, names: list[str], split: str, target: Path,
+            progress: Callable[[int, int], None] | None) -> ImageSet:
     total = manifest["counts"].get(split, 0)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -4,7 +4,7 @@ Pure arithmetic on (N, D) feature matrices, in float64, memory-bounded by blocks
 serves 50k-image evaluations on a GPU and tests on a CPU. The conventions are the libraries' the
 paper used, and the tests check each against them on the same features:
 
-- FID (Heusel et al. 2017): ||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)), covariances with
+- FID (Heusel et al. 2017), and FD-DINOv2 (Stein et al. 2023) on other features: ||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)), covariances with
   ddof = 1 -- clean-fid's `frechet_distance`. Only the trace of the square root is needed: it is the
   sum of sqrt(eigenvalues) of the symmetric S_1^(1/2) S_2 S_1^(1/2), or, with fewer samples than
   dimensions (S_1 = A^T A / (n - 1), A the centred features), of the n x n matrix A S_2 A^T / (n - 1)
@@ -69,9 +69,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 def fid(features_1, features_2) -> float:
     """FID of two (N, D) feature sets; with N_1 <= D, through the N_1 x N_1 form of the trace term."""
+    mu2, sigma2 = feature_statistics(features_2)
+    return fid_to_statistics(features_1, mu2, sigma2)
+
+
+def fid_to_statistics(features_1, mu2, sigma2) -> float:
+    """FID of (N, D) features against a Gaussian's mean and covariance (e.g. stored reference statistics);
+    exactly `fid(features_1, features_2)` when (mu2, sigma2) = feature_statistics(features_2)."""
     f1 = _as_f64(features_1)
     mu1, sigma1 = feature_statistics(f1)
-    mu2, sigma2 = feature_statistics(features_2)
+    mu2, sigma2 = torch.as_tensor(mu2, dtype=torch.float64), torch.as_tensor(sigma2, dtype=torch.float64)
     n1, d = f1.shape
     if n1 > d:
         return frechet_distance(mu1, sigma1, mu2, sigma2)
@@ -149,10 +156,12 @@ def _covered(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, b
     return torch.cat(out)
 
 
-def precision_recall(generated, real, k: int = PRC_K, block: int = 4096) -> tuple[float, float]:
-    """Improved precision and recall (k-NN manifolds) of generated features against real ones."""
+def precision_recall(generated, real, k: int = PRC_K, block: int = 4096, real_radii=None) -> tuple[float, float]:
+    """Improved precision and recall (k-NN manifolds) of generated features against real ones.
+    `real_radii`: `knn_radii(real, k)` computed before (stored with reference statistics)."""
     g, r = _as_f64(generated), _as_f64(real)
-    precision = _covered(g, r, knn_radii(r, k, block), block).double().mean().item()
+    radii = knn_radii(r, k, block) if real_radii is None else torch.as_tensor(real_radii, dtype=torch.float64, device=r.device)
+    precision = _covered(g, r, radii, block).double().mean().item()
     recall = _covered(r, g, knn_radii(g, k, block), block).double().mean().item()
     return precision, recall
 

@@ -13,6 +13,7 @@ default), `kl` (Suppl. A.4: z = sigmoid(mu + sigma eps) with a KL term; Table 4'
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -24,7 +25,7 @@ from brics_cli.config import build
 from brics_cli.core import checkpoint as ckpt
 from brics_cli.errors import BricsError
 from brics_cli.models.discriminator import DiscriminatorConfig
-from brics_cli.models.encoder import Encoder, EncoderConfig
+from brics_cli.models.encoder import Encoder, EncoderConfig, upgrade_legacy_config
 from brics_cli.models.grid import GridConfig
 from brics_cli.models.keycode import relaxed_precision_noise, tile_key_codes
 from brics_cli.models.retrieval import FeatureRetrieval, MLPConfig
@@ -99,7 +100,8 @@ class AutoencoderConfig:
 class AutoencoderOutput(NamedTuple):
     recon: Tensor  # (B, 3, H, W)
     z: Tensor  # (B, C_z, H_z, W_z) key codes in [0,1]
-    kl: Tensor | None  # (B,) KL divergence per image for the `kl` bottleneck, else None
+    kl: Tensor | None  # (B,) KL summed over each image's C_z H_z W_z code values (`kl` bottleneck), else None;
+    # train.losses.kl_loss normalises it (ae.loss.kl_normalise)
 
 
 class BRICSAutoencoder(nn.Module):
@@ -114,7 +116,9 @@ class BRICSAutoencoder(nn.Module):
             cfg.grid, cfg.mlp, cfg.groups, cfg.code.key_channels, cfg.r_max, cfg.features.channels
         )
         decoder_cls = DECODERS.get(cfg.decoder.name)
-        self.decoder = decoder_cls(cfg.decoder, cfg.features.channels, cfg.features.resolution, resolution, in_channels)
+        # A decoder that takes `groups` (stylegan's per-group style) is told N_h; plugins keep 5 arguments.
+        extra = {"groups": cfg.groups} if "groups" in inspect.signature(decoder_cls).parameters else {}
+        self.decoder = decoder_cls(cfg.decoder, cfg.features.channels, cfg.features.resolution, resolution, in_channels, **extra)
 
     @classmethod
     def from_checkpoint(cls, path: Path, ema: bool = True, device: str | torch.device = "cpu") -> "BRICSAutoencoder":
@@ -182,4 +186,11 @@ def autoencoder_config(meta: dict[str, Any], source: Path) -> tuple[AutoencoderC
         resolution = int(meta["config"]["data"]["resolution"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BricsError(f"{source}: malformed brics metadata (no usable config.ae / config.data.resolution: {exc!r})") from exc
+    encoder = data.get("encoder")
+    if isinstance(encoder, dict) and "layout" not in encoder:  # ch_mult of before 2026-12-02
+        code_resolution = (data.get("code") or {}).get("resolution", CodeConfig.resolution)
+        try:
+            data["encoder"] = upgrade_legacy_config(encoder, resolution, code_resolution)
+        except ValueError as exc:
+            raise BricsError(f"{source}: {exc}") from exc
     return build(AutoencoderConfig, data, "ae"), resolution

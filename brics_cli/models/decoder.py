@@ -14,16 +14,27 @@ The same w modulates every layer. No tanh: images come out on the [-1, 1] scale,
 (as in StyleGAN2). With C_d = 512, H_d = 64, R = 256 the synthesis part has 9,445,521 parameters,
 the authors' count (the paper's Table 3 says 9.9M), and ~67.7 GMAC at batch 1 (REFERENCES Sec. 4).
 
-Difference from the released code: there the style is computed per key-code group (64-d pooled
-raw features -> 3-layer mapping -> 128, four groups concatenated); here one mapping MLP takes the
-pooled decoder input C_d -> C_d, so the decoder depends on nothing but f (plugins share that
-signature) -- 787,968 mapping parameters at C_d = 512.
+The style (`style`):
+
+    pooled (default, the paper's description)  avg-pool all of f (C_d) -> one mapping MLP C_d -> C_d:
+        787,968 mapping parameters at C_d = 512
+    per-group (the authors' released code)      for each key-code group g of the N_h groups, avg-pool
+        f's channel chunk g (C_d / N_h), RMS-normalise it, map it by its own MLP C_d / N_h -> C_d / N_h;
+        concatenate the N_h styles in group order: 4 x 49,536 = 198,144 parameters at C_d = 512, N_h = 4
+
+f is the concatenation of the groups' F_mlp outputs in group order (models/retrieval.py), so chunk g
+of f is exactly group g's retrieved features and style chunk g depends on group g alone. One
+difference remains: the authors pool the *raw* 64-d grid output of the group (before F_mlp) and map
+it 64 -> 128; this decoder sees only f, so it pools the group's 128 F_mlp channels (128 -> 128).
+The autoencoder passes N_h to a decoder whose constructor takes `groups` (this one); other decoder
+plugins keep the five-argument signature.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +60,7 @@ class StyleGANDecoderConfig:
     mapping_layers: int = 3
     mapping_lr_mul: float = 0.01
     noise: bool = True  # per-pixel noise injection (StyleGAN2)
+    style: Literal["pooled", "per-group"] = "pooled"  # one style from all of f | the authors' per-group styles
 
     def validate(self) -> None:
         if self.channel_base <= 0 or self.channel_max <= 0:
@@ -59,6 +71,8 @@ class StyleGANDecoderConfig:
             raise ValueError(f"decoder mapping_layers must be >= 0, got {self.mapping_layers}")
         if not self.mapping_lr_mul > 0:
             raise ValueError(f"decoder mapping_lr_mul must be positive, got {self.mapping_lr_mul}")
+        if self.style not in ("pooled", "per-group"):
+            raise ValueError(f"ae.decoder.style must be 'pooled' or 'per-group', got {self.style!r}")
 
     def channels(self, resolution: int) -> int:
         """ch(r) = min(channel_max, channel_base // r)."""
@@ -136,7 +150,9 @@ class StyleGANDecoder(nn.Module):
         in_resolution: int,
         out_resolution: int,
         out_channels: int = 3,
+        groups: int = 1,
     ) -> None:
+        """groups: N_h, the number of key-code groups f concatenates (used by `style: per-group`)."""
         super().__init__()
         cfg.validate()
         if in_channels <= 0 or out_channels <= 0 or in_resolution <= 0:
@@ -154,13 +170,20 @@ class StyleGANDecoder(nn.Module):
         self.cfg = cfg
         self.in_channels, self.in_resolution, self.out_resolution = in_channels, in_resolution, out_resolution
         style_dim = in_channels
-        # lr_mul 0.01 (StyleGAN): the mapping learns 100x slower, which keeps the styles stable.
-        self.mapping = nn.Sequential(
-            *[
-                EqualLinear(style_dim, style_dim, lr_mul=cfg.mapping_lr_mul, activation="lrelu")
-                for _ in range(cfg.mapping_layers)
-            ]
-        )
+        if cfg.style == "per-group":
+            if groups < 1 or in_channels % groups:
+                raise ValueError(
+                    f"ae.decoder.style per-group splits the decoder input's {in_channels} channels into "
+                    f"{groups} groups: C_d must be a multiple of N_h"
+                )
+            self.groups = groups
+            # One mapping per group, C_d / N_h -> C_d / N_h; `mapping[g]` is group g's.
+            self.mapping = nn.ModuleList(
+                [_mapping(style_dim // groups, cfg.mapping_layers, cfg.mapping_lr_mul) for _ in range(groups)]
+            )
+        else:
+            self.groups = 1
+            self.mapping = _mapping(style_dim, cfg.mapping_layers, cfg.mapping_lr_mul)
         blocks, prev_ch = [], in_channels
         for i, r in enumerate(resolutions):
             block = SynthesisBlock(prev_ch, cfg.channels(r), style_dim, out_channels, first=i == 0, noise=cfg.noise)
@@ -169,11 +192,12 @@ class StyleGANDecoder(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     def style(self, f: Tensor) -> Tensor:
-        """f (B, C_d, H_d, W_d) -> w (B, C_d): pooled, RMS-normalised, mapped."""
+        """f (B, C_d, H_d, W_d) -> w (B, C_d): pooled, RMS-normalised, mapped (per group for `per-group`)."""
         s = f.mean(dim=(2, 3))  # (B, C_d)
-        # RMS ("pixel") normalisation as on StyleGAN's z: the mapping sees unit-RMS input whatever f's scale.
-        s = s * torch.rsqrt(s.square().mean(dim=1, keepdim=True) + 1e-8)  # (B, C_d)
-        return self.mapping(s)  # (B, C_d)
+        if self.cfg.style == "per-group":
+            chunks = s.chunk(self.groups, dim=1)  # N_h x (B, C_d / N_h): group g's channels of f
+            return torch.cat([mapping(_rms_normalise(c)) for mapping, c in zip(self.mapping, chunks)], dim=1)
+        return self.mapping(_rms_normalise(s))  # (B, C_d)
 
     def forward(self, f: Tensor) -> Tensor:
         if f.ndim != 4 or f.shape[1] != self.in_channels or f.shape[2:] != (self.in_resolution, self.in_resolution):
@@ -208,6 +232,16 @@ class StyleGANDecoder(nn.Module):
                 x, scale = conv.forward_scaled(x, scale, w, inplace=x is not f)
             rgb = block.to_rgb.forward_scaled(x, scale, w, rgb)  # before the next block overwrites x
         return rgb.contiguous()  # (B, out_channels, R, R)
+
+
+def _mapping(dim: int, layers: int, lr_mul: float) -> nn.Sequential:
+    # lr_mul 0.01 (StyleGAN): the mapping learns 100x slower, which keeps the styles stable.
+    return nn.Sequential(*[EqualLinear(dim, dim, lr_mul=lr_mul, activation="lrelu") for _ in range(layers)])
+
+
+def _rms_normalise(s: Tensor) -> Tensor:
+    """RMS ("pixel") normalisation as on StyleGAN's z: the mapping sees unit-RMS input whatever f's scale."""
+    return s * torch.rsqrt(s.square().mean(dim=1, keepdim=True) + 1e-8)  # (B, C)
 
 
 def _log2_ratio(in_resolution: int, out_resolution: int) -> int:

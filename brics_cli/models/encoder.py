@@ -4,58 +4,89 @@ The paper's encoder "follows the design of VQ-GAN" (Esser et al., taming-transfo
 encoder is reused by latent diffusion), with the unit channel set to 32 and self-attention at the
 code resolution min(H_z, W_z) (Suppl. A.1). This module is that design, written afresh:
 
-    conv_in 3x3
-    for each level i (channels = channels * ch_mult[i]):
+    conv_in 3x3 -> channels
+    for each level i = 0 .. n_down (channels * ch_mult[i] channels, as in VQGAN and LDM):
         num_res_blocks x [ResnetBlock, AttnBlock if the current resolution is in attn_resolutions]
-        Downsample (pad right/bottom by 1, 3x3 stride-2 conv) while fewer than n_down are done
+        Downsample (pad right/bottom by 1, 3x3 stride-2 conv), except after the last level
     mid (if mid_block): ResnetBlock, AttnBlock (if mid_attention), ResnetBlock
-    GroupNorm, activation, conv_out 3x3 -> out_channels
+    GroupNorm, activation, conv_out (3x3, or 1x1) -> out_channels
 
-n_down = log2(resolution / code_resolution). The encoder returns *logits*: the autoencoder
+n_down = log2(resolution / code_resolution) and, as in VQGAN, len(ch_mult) = n_down + 1: every level
+but the last ends in a downsampling (a list of another length is an error that suggests one).
+`ch_mult: null` (the default) derives the widths from n_down by the authors' rule, level i having
+min(512, channels * 2^(i+1)) channels: 64, 128, 256 at 256, 128, 64 for 256 -> 64 with channels 32
+(ch_mult [2, 4, 8]), 64 .. 512, 512 for 256 -> 16. The encoder returns *logits*: the autoencoder
 appends the sigmoid that puts z in [0, 1] (Sec. 3.1), or, for the KL variant (Suppl. A.4), asks
 for 2 * C_z channels and splits them into (mu, logvar) before z = sigmoid(mu + sigma * eps).
 
-The authors' code (REFERENCES Sec. 8; `training/encoder.py` of their StyleGAN3 fork, which
-brics_code_release imports) departs from VQGAN in three ways. (1) It never runs the mid block (the
-call is commented out of `forward`): their ~3.47M parameters leave it out, while VQGAN's mid block
-at 256 channels alone adds 2.63M. The paper is the default (`mid_block: true`, VQGAN's layout,
-6.14M parameters); `mid_block: false` reproduces the authors' trained encoder (3.51M). (2) Leaky ReLU (`activation: leaky_relu`) instead
-of swish (the default here). (3) A 1x1 conv_out where VQGAN, and this module, use 3x3 (8k
-parameters at 256 channels). Their level widths are
-ch * 2^(i+1) = 64, 128, 256 (`ch_mult: [2, 4, 8]`); brics' default [1, 2, 4, 8] adds a 32-channel
-level at full resolution and lands within 2% of their parameter count.
+`layout` picks the defaults of the fields left null (an explicit value always wins):
+
+    vqgan (paper)  mid block, swish, 3x3 conv_out             6,106,436 parameters at 256 -> 64x64x4
+    authors        no mid block, leaky ReLU 0.01, 1x1 conv_out 3,472,196 parameters at 256 -> 64x64x4
+
+`authors` is the encoder of the authors' code (REFERENCES Sec. 8; `training/encoder.py` of their
+StyleGAN3 fork, built with ch 32, max_ch 512 and num_downsamples): it never runs the mid block
+(the call is commented out of `forward`; VQGAN's mid block at 256 channels alone is 2.63M), uses
+leaky ReLU and a 1x1 conv_out. "Levels 32 -> 64 -> 128 -> 256" and "64/128/256 channels at
+256/128/64" describe the same network: 32 is conv_in's width, each level's first res block widens
+to 64, 128, 256 (LDM's in_ch_mult = (1,) + ch_mult). Their ~3.47M is that layout's count; reading
+the levels as ch_mult [1, 2, 4, 8] (32, 64, 128, 256 channels, the last without downsampling) gives
+3.50M, and a 3x3 conv_out 3.48M.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from brics_cli.errors import ConfigError
+
 # Slope of the leaky ReLU option: the authors' encoder calls F.leaky_relu with its default, 0.01.
 LEAKY_SLOPE = 0.01
+# Widest level of a derived ch_mult: the authors' max_ch.
+DERIVED_MAX_CHANNELS = 512
+# What each layout puts in the fields left null.
+LAYOUT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "vqgan": {"mid_block": True, "activation": "silu", "conv_out_kernel": 3},
+    "authors": {"mid_block": False, "activation": "leaky_relu", "conv_out_kernel": 1},
+}
+
+
+class EncoderLevelsError(ConfigError, ValueError):
+    """ch_mult does not fit the resolutions: a config error (exit 2) that is also the ValueError of a bad size."""
 
 
 @dataclass
 class EncoderConfig:
+    layout: Literal["vqgan", "authors"] = "vqgan"  # the paper's VQGAN encoder | the authors' code (module doc)
     channels: int = 32  # unit channel (paper Suppl. A.1: 32)
-    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    ch_mult: list[int] | None = None  # level widths / channels, len = n_down + 1; null: min(512, ch 2^(i+1)) / ch
     num_res_blocks: int = 2
     attn_resolutions: list[int] | None = None  # None = [min(H_z, W_z)] (paper Suppl. A.1)
-    mid_block: bool = True  # VQGAN (paper); the authors' trained encoder skips it (see module doc)
+    mid_block: bool | None = None  # null: the layout's (vqgan: true, authors: false)
     mid_attention: bool = True  # attention between the two mid res blocks, when mid_block
     dropout: float = 0.0
-    activation: Literal["silu", "leaky_relu"] = "silu"  # VQGAN: swish; the authors' code: leaky ReLU
+    activation: Literal["silu", "leaky_relu"] | None = None  # null: vqgan swish, authors leaky ReLU
+    conv_out_kernel: int | None = None  # null: vqgan 3, authors 1
+
+    def __post_init__(self) -> None:
+        # Fill the fields left null from the layout, so a stored config says what was built.
+        for key, value in LAYOUT_DEFAULTS.get(self.layout, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
     def validate(self) -> None:
+        if self.layout not in LAYOUT_DEFAULTS:
+            raise ValueError(f"ae.encoder.layout must be 'vqgan' or 'authors', got {self.layout!r}")
         if self.channels <= 0:
             raise ValueError(f"channels must be positive, got {self.channels}")
-        if not self.ch_mult:
-            raise ValueError("ch_mult must have at least one multiplier, e.g. [1, 2, 4, 8]")
-        if any(m <= 0 for m in self.ch_mult):
+        if self.ch_mult is not None and not self.ch_mult:
+            raise ValueError("ch_mult must have at least one multiplier, e.g. [1, 2, 4], or be null (derived)")
+        if self.ch_mult is not None and any(m <= 0 for m in self.ch_mult):
             raise ValueError(f"every ch_mult entry must be positive, got {self.ch_mult}")
         if self.num_res_blocks < 1:
             raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
@@ -65,6 +96,42 @@ class EncoderConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.activation not in ("silu", "leaky_relu"):
             raise ValueError(f"activation must be 'silu' or 'leaky_relu', got {self.activation!r}")
+        if self.conv_out_kernel not in (1, 3):
+            raise ValueError(f"ae.encoder.conv_out_kernel must be 1 or 3, got {self.conv_out_kernel}")
+
+    def level_multipliers(self, resolution: int, code_resolution: int) -> list[int]:
+        """ch_mult for resolution -> code_resolution: the given list, checked, or the derived one (module doc)."""
+        n_down = num_downsamples(resolution, code_resolution)
+        if self.ch_mult is None:
+            return [min(DERIVED_MAX_CHANNELS, self.channels * 2 ** (i + 1)) // self.channels for i in range(n_down + 1)]
+        given = list(self.ch_mult)
+        if len(given) != n_down + 1:
+            fix = given[: n_down + 1] if len(given) > n_down + 1 else given + [given[-1]] * (n_down + 1 - len(given))
+            raise EncoderLevelsError(
+                f"ae.encoder.ch_mult {given} has {len(given)} levels, so {len(given) - 1} downsampling steps, but "
+                f"{resolution} -> {code_resolution} needs {n_down} (len(ch_mult) - 1 = log2(image / code resolution), "
+                f"as in VQGAN); use e.g. ae.encoder.ch_mult={fix}, or ae.encoder.ch_mult=null to derive the widths"
+            )
+        return given
+
+
+def upgrade_legacy_config(stored: dict[str, Any], resolution: int, code_resolution: int) -> dict[str, Any]:
+    """A checkpoint's `ae.encoder` from before ch_mult took VQGAN's meaning (2026-12-02; it has no
+    `layout`), in today's meaning. Then a short ch_mult was extended by repeating its last multiplier
+    (spelled out here: the same network); a long one ran its extra levels at the code resolution
+    without downsampling, which no config builds now: ValueError naming both counts."""
+    stored = dict(stored)
+    given = list(stored.get("ch_mult", [1, 2, 4, 8]))  # the default of that time
+    n_down = num_downsamples(resolution, code_resolution)
+    if len(given) > n_down + 1:
+        raise ValueError(
+            f"it was written before 2026-12-02 by a brics whose ae.encoder.ch_mult {given} ran {len(given) - 1 - n_down} "
+            f"of its {len(given)} levels at the code resolution without downsampling ({resolution} -> {code_resolution} "
+            f"needs {n_down} downsamplings); this version builds only VQGAN's layout (len(ch_mult) - 1 downsamplings) and cannot "
+            "rebuild it: retrain the autoencoder, or use a brics from before 2026-12-02 for this checkpoint"
+        )
+    stored["ch_mult"] = given + [given[-1]] * (n_down + 1 - len(given))
+    return stored
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -142,10 +209,7 @@ def num_downsamples(resolution: int, code_resolution: int) -> int:
 class Encoder(nn.Module):
     """VQGAN-style encoder: (B, in_channels, R, R) in [-1, 1] -> (B, out_channels, H_z, W_z) logits.
 
-    `ch_mult` shorter than n_down + 1 is extended by repeating its last multiplier (256 -> 16x16
-    codes needs 5 levels: [1, 2, 4, 8] becomes [1, 2, 4, 8, 8]). A longer one keeps its extra
-    levels at the code resolution without downsampling: the default at 256 -> 64 runs levels of
-    32, 64, 128, 256 channels at 256, 128, 64, 64 pixels.
+    `self.ch_mult` is the list it runs, n_down + 1 levels: the config's, or the derived one.
     """
 
     def __init__(
@@ -163,9 +227,7 @@ class Encoder(nn.Module):
         self.cfg = cfg
         self.resolution, self.code_resolution = resolution, code_resolution
         self.n_down = num_downsamples(resolution, code_resolution)
-        mults = list(cfg.ch_mult)
-        mults += [mults[-1]] * (self.n_down + 1 - len(mults))
-        self.ch_mult = mults
+        self.ch_mult = mults = cfg.level_multipliers(resolution, code_resolution)
         attn_res = set(cfg.attn_resolutions if cfg.attn_resolutions is not None else [code_resolution])
 
         self.conv_in = nn.Conv2d(in_channels, cfg.channels, 3, padding=1)
@@ -195,7 +257,8 @@ class Encoder(nn.Module):
             self.mid.append(ResnetBlock(block_in, block_in, cfg.activation, cfg.dropout))
         self.norm_out = group_norm(block_in)
         self.act = make_activation(cfg.activation)
-        self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
+        k = cfg.conv_out_kernel
+        self.conv_out = nn.Conv2d(block_in, out_channels, k, padding=k // 2)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)  # (B, channels, R, R)

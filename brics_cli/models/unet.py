@@ -46,7 +46,10 @@ class UNetConfig:
     model_channels: int = 256  # "unit channel size 256" (Sec. 4)
     channel_mult: tuple[int, ...] = (1, 2, 3, 4)  # Suppl. A.5
     num_res_blocks: int = 2
-    attention_resolutions: tuple[int, ...] = (32, 16, 8)  # code resolutions (H_z of that level), Suppl. A.5
+    # Code resolutions (H_z of that level) with self-attention. null: every level below the top --
+    # the authors' "attention at the 3 lower levels" (Suppl. A.5), i.e. (32, 16, 8) for 64x64 codes
+    # and (8, 4, 2) for 16x16 ones, so the UNet follows the code size of the AE it is trained on.
+    attention_resolutions: tuple[int, ...] | None = None
     num_head_channels: int | None = 32  # channels per head (LDM's FFHQ config); null -> use num_heads
     num_heads: int | None = None  # a fixed number of heads instead
     dropout: float = 0.0
@@ -77,6 +80,12 @@ class UNetConfig:
         """The code resolution at each level: resolution, resolution / 2, ..."""
         return [resolution // 2**i for i in range(len(self.channel_mult))]
 
+    def attention_at(self, resolution: int) -> tuple[int, ...]:
+        """The attention resolutions for codes of `resolution`: as set, or derived (see the field)."""
+        if self.attention_resolutions is not None:
+            return tuple(self.attention_resolutions)
+        return tuple(self.level_resolutions(resolution)[1:])
+
     def check_resolution(self, resolution: int) -> None:
         """The code resolution must halve cleanly at every level and contain every attention resolution."""
         levels = len(self.channel_mult)
@@ -84,7 +93,7 @@ class UNetConfig:
             raise ValueError(
                 f"a {resolution}x{resolution} code cannot be halved {levels - 1} times (diffusion.model.channel_mult has {levels} levels)"
             )
-        missing = sorted(set(self.attention_resolutions) - set(self.level_resolutions(resolution)))
+        missing = sorted(set(self.attention_at(resolution)) - set(self.level_resolutions(resolution)))
         if missing:
             raise ValueError(
                 f"diffusion.model.attention_resolutions {missing} are not among the UNet's code resolutions "
@@ -208,7 +217,7 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(channels, mc, 3, padding=1)
 
         level_ch = cfg.level_channels()
-        attn_at = [r in cfg.attention_resolutions for r in cfg.level_resolutions(resolution)]
+        attn_at = [r in cfg.attention_at(resolution) for r in cfg.level_resolutions(resolution)]
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         skips, ch = [mc], mc  # channels of every skip connection, in order

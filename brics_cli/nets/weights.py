@@ -16,7 +16,10 @@ Where a file is looked for, first match wins:
 Checksums are full sha256 values of the published files (torchvision and torch-fidelity names end in
 the first 8 hex digits of theirs; CLIP's URL carries its whole sha256). A file whose sha256 differs is
 refused (`WeightsMismatch`) unless `BRICS_ALLOW_UNVERIFIED_WEIGHTS=1`, in which case it is used with a
-warning and results record its actual sha256.
+warning and results record its actual sha256. A file whose publisher gives no checksum (DINOv2's
+`dinov2_vitl14_pretrain.pth`: its URL and name carry none) has `sha256=None`: it is used as found,
+`brics weights status` shows its actual sha256 to compare by hand, and results record that sha256
+with `"verified": null`.
 """
 
 from __future__ import annotations
@@ -32,14 +35,16 @@ from functools import lru_cache
 from pathlib import Path
 
 from brics_cli.core.files import sha256_file
-from brics_cli.errors import BricsError
+from brics_cli.errors import BricsError, Missing
 
 ALLOW_UNVERIFIED_ENV = "BRICS_ALLOW_UNVERIFIED_WEIGHTS"
 WEIGHTS_DIR_ENV = "BRICS_WEIGHTS_DIR"
 
 
 class WeightsMissing(BricsError):
-    """A pretrained file a command needs is not on this machine."""
+    """A pretrained file a command needs is not on this machine: a missing prerequisite (exit 2)."""
+
+    exit_code = 2
 
 
 class WeightsMismatch(BricsError):
@@ -51,7 +56,7 @@ class WeightFile:
     name: str  # what commands ask for: require("vgg16")
     filename: str
     home: str  # "torch-hub" | "clip" | "cleanfid" | "lpips-wheel": which library's place it lives in
-    sha256: str
+    sha256: str | None  # None: the publisher gives no checksum
     url: str
     used_by: tuple[str, ...]
     description: str
@@ -111,6 +116,13 @@ CATALOGUE: dict[str, WeightFile] = {
             "shipped in the lpips wheel (pip install lpips)",
             ("brics ae-train (LPIPS-VGG loss)",),
             "LPIPS v0.1 linear layers for VGG16",
+        ),
+        WeightFile(
+            "dinov2-vit-l-14", "dinov2_vitl14_pretrain.pth", "torch-hub",
+            None,  # not published; torch.hub's own name for the file, as its hub entry `dinov2_vitl14` downloads it
+            "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth",
+            ("brics eval fd-dinov2|all|stats",),
+            "DINOv2 ViT-L/14 (LVD-142M): FD-DINOv2 features, as EDM2 and dgm-eval",
         ),
     )
 }
@@ -184,6 +196,17 @@ def _missing_message(names: list[str]) -> str:
     return "missing pretrained weight file " + "; ".join(parts) + f" -- {fix}"
 
 
+def missing(names) -> list[Missing]:
+    """The files among `names` that are not on this machine, each with where it belongs."""
+    out = []
+    for name in names:
+        if locate(name) is None:
+            w = entry(name)
+            out.append(Missing(f"weight file {w.filename} ({w.description})",
+                               f"copy it to {candidates(name)[0].parent}/ or into ${WEIGHTS_DIR_ENV}; `brics weights status` lists its URL"))
+    return out
+
+
 def require(name: str, verify: bool = True) -> Path:
     """The local path of weight file `name`; raises WeightsMissing / WeightsMismatch. Never downloads."""
     return require_all([name], verify=verify)[name]
@@ -201,9 +224,12 @@ def require_all(names, verify: bool = True) -> dict[str, Path]:
     return found  # type: ignore[return-value]
 
 
-def check_checksum(name: str, path: Path) -> bool:
-    """True if `path` has the published sha256; a mismatch raises unless BRICS_ALLOW_UNVERIFIED_WEIGHTS=1."""
+def check_checksum(name: str, path: Path) -> bool | None:
+    """True if `path` has the published sha256, None when none is published; a mismatch raises unless
+    BRICS_ALLOW_UNVERIFIED_WEIGHTS=1 (then False)."""
     w = entry(name)
+    if w.sha256 is None:
+        return None
     actual = sha256_of(path)
     if actual == w.sha256:
         return True
@@ -225,7 +251,8 @@ def describe(name: str, verify: bool = True) -> dict:
     record = {"name": name, "file": entry(name).filename, "path": str(path) if path else None}
     if path is not None and verify:
         record["sha256"] = sha256_of(path)
-        record["verified"] = record["sha256"] == entry(name).sha256
+        published = entry(name).sha256
+        record["verified"] = None if published is None else record["sha256"] == published  # None: nothing to check against
     return record
 
 
@@ -235,9 +262,10 @@ def status(verify: bool = True) -> list[dict]:
     for name, w in CATALOGUE.items():
         places = candidates(name)
         path = locate(name)
-        ok = None
+        ok, actual = None, None
         if path is not None and verify:
-            ok = sha256_of(path) == w.sha256
+            actual = sha256_of(path)
+            ok = None if w.sha256 is None else actual == w.sha256
         rows.append({
             "name": name,
             "file": w.filename,
@@ -246,7 +274,8 @@ def status(verify: bool = True) -> list[dict]:
             "path": str(path) if path else None,
             "present": path is not None,
             "sha256_ok": ok,
-            "sha256": w.sha256,
+            "sha256": w.sha256,  # the published one (None: not published)
+            "actual_sha256": actual,  # of the file found (with verify)
             "size": w.size,
             "url": w.url,
             "used_by": list(w.used_by),
@@ -261,7 +290,7 @@ def fetch(name: str, progress=None) -> Path:
     if w.home == "lpips-wheel":
         raise BricsError(f"{w.filename} ships inside the lpips wheel: reinstall lpips (`pip install --force-reinstall lpips`)")
     dest = candidates(name)[0]
-    if dest.is_file() and sha256_of(dest) == w.sha256:
+    if dest.is_file() and (w.sha256 is None or sha256_of(dest) == w.sha256):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{w.filename}.", suffix=".part", dir=dest.parent)
@@ -277,7 +306,7 @@ def fetch(name: str, progress=None) -> Path:
                     progress(len(block), total)
             out.flush()
             os.fsync(out.fileno())
-        if h.hexdigest() != w.sha256:
+        if w.sha256 is not None and h.hexdigest() != w.sha256:
             raise WeightsMismatch(f"downloaded {w.filename} has sha256 {h.hexdigest()[:16]}..., expected {w.sha256[:16]}...; nothing was written")
         os.replace(tmp, dest)
     except OSError as exc:

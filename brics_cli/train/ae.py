@@ -52,6 +52,7 @@ from brics_cli.train.guard import (
 )
 from brics_cli.train.losses import (
     gradient_penalty,
+    kl_loss,
     logistic_discriminator_loss,
     logistic_generator_loss,
     r1_penalty,
@@ -260,7 +261,7 @@ class AETrainer:
                     terms["perceptual"] = self.perceptual(recon, x).mean()
                     loss = loss + lc.perceptual * terms["perceptual"]
                 if out.kl is not None:
-                    terms["kl"] = out.kl.mean()
+                    terms["kl"] = kl_loss(out.kl, x[0].numel(), out.z[0].numel(), lc.kl_normalise)  # ae.loss.kl_normalise
                     loss = loss + lc.kl * terms["kl"]
                 if use_gan:
                     scores = self.d_model(recon)

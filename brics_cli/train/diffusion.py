@@ -14,6 +14,10 @@
    streak rolls back), SIGINT/SIGTERM, metrics.jsonl, sample grids decoded through the AE. On
    resume the recipe's `diffusion.optim` wins over the checkpoint's, so a lower learning rate
    after a divergence takes effect from the last good checkpoint.
+3. With `diffusion.train.eval_every`, the metric curve of Fig. 11 (eval_curve.py): a code-space
+   Frechet distance, and FID when the Inception weights are there, as records {"step", "eval"} of
+   metrics.jsonl (truncated on resume like the others, so the curve goes on without duplicate
+   steps), TensorBoard scalars eval/* and `eval-curve.png`.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from brics_cli.models.unet import UNet
 from brics_cli.registry import SAMPLERS
 from brics_cli.runs import find_checkpoint
 from brics_cli.train.ema import EMA
+from brics_cli.train.eval_curve import CurveEvaluator, describe_record, redraw_curve
 from brics_cli.train.guard import (
     DivergenceGuard,
     StopRequest,
@@ -237,7 +242,9 @@ class DiffusionTrainer:
                                      fix="lower diffusion.optim.lr and rerun (it continues from the last good checkpoint), or check the data")
         self.guard.weights_problem(self.checked_modules(), rt, fresh=True)  # the growth test starts from the initial weights
         self.last_checkpoint: Path | None = None  # the newest checkpoint: every one passed the weight check
-        self.ae = None  # loaded lazily for sample grids
+        self.ae = None  # loaded lazily for sample grids and the FID of the eval curve
+        self.curve: CurveEvaluator | None = None  # built by run() when diffusion.train.eval_every > 0
+        self.eval_seconds = 0.0  # this process's time in evaluations
 
     def checked_modules(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.unet, "ema": self.ema.module}
@@ -376,15 +383,51 @@ class DiffusionTrainer:
         with torch.random.fork_rng(devices=[]):  # previews never move the training RNG (exact resume)
             self._write_samples(n)
 
-    def _write_samples(self, n: int) -> None:
+    def autoencoder(self) -> BRICSAutoencoder:
         if self.ae is None:
             self.ae = BRICSAutoencoder.from_checkpoint(self.ae_checkpoint, ema=True, device=self.rt.device)
+        return self.ae
+
+    def _write_samples(self, n: int) -> None:
+        self.autoencoder()
         s = self.cfg.sample
         sampler = SAMPLERS.get(s.sampler)
         x = sampler(self.ema.module, self.schedule, self.shape, steps=s.steps, generators=sample_generators(0, range(n)),
                     eta=s.eta, clip_x0=s.clip_x0, device=self.rt.device)
         images = self.ae.decode(x0_to_codes(x)).clamp(-1, 1)
         save_image_grid(images, self.run_dir / "samples" / f"step-{self.step:06d}.png", per_row=max(n // 2, 1))
+
+    def start_curve(self, metrics: MetricsLog) -> str:
+        """Build the evaluator (a collective: Inception and the reference statistics load here, before
+        the first step); redraw eval-curve.png from the records a resumed run kept. Returns the note on FID."""
+        t0 = time.perf_counter()
+        self.curve = CurveEvaluator(self.cfg.train, self.schedule, self.shape, self.codes, self.cfg.sample.clip_x0,
+                                    self.autoencoder, self.recipe.data.shards, self.rt)
+        note = self.curve.prepare_fid()
+        seconds = time.perf_counter() - t0
+        self.eval_seconds += seconds  # part of what the evaluations cost this run
+        if self.rt.is_main:
+            self.progress.log(f"eval curve: every {self.cfg.train.eval_every} steps, {self.curve.features}; {note} "
+                              f"(set up in {seconds:.1f} s)")
+            redraw_curve(metrics.records(), self.run_dir / "eval-curve.png")
+        return note
+
+    def evaluate_curve(self, metrics: MetricsLog, throughput: Throughput, t_start: float) -> None:
+        """One point of the curve (every rank calls it): log it, plot it, say what it cost."""
+        t0 = time.perf_counter()
+        record = self.curve.evaluate(self.ema.module)
+        if self.rt.is_main:
+            redraw_curve([*metrics.records(), {"step": self.step, "eval": record}], self.run_dir / "eval-curve.png")
+        seconds = time.perf_counter() - t0
+        record["seconds"] = round(seconds, 3)
+        throughput.exclude(seconds)  # codes/s measures training alone
+        self.eval_seconds += seconds
+        if not self.rt.is_main:
+            return
+        metrics.write(self.step, {"eval": record}, scalars=("eval/code_fd", "eval/code_fd_data", "eval/fid", "eval/seconds"))
+        elapsed = time.perf_counter() - t_start
+        self.progress.log(f"eval at step {self.step}: {describe_record(record)}; {seconds:.1f} s, evaluations took "
+                          f"{self.eval_seconds / max(elapsed, 1e-9):.0%} of this run's {elapsed:.0f} s so far")
 
     def run(self, show_progress: bool = True) -> dict[str, Any]:
         tc = self.cfg.train
@@ -395,13 +438,18 @@ class DiffusionTrainer:
         bar = progress.task("diffusion-train", tc.steps, self.step, unit="codes")
         start_step, t_start = self.step, time.perf_counter()
         window: dict[str, float] = {}
-        count, throughput, stopped_by = 0, Throughput(), None
+        count, throughput, stopped_by, fid_note = 0, Throughput(), None, None
         try:
             with StopRequest() as stop:
+                if tc.eval_every and self.step < tc.steps:
+                    fid_note = self.start_curve(metrics)
+                    throughput = Throughput()  # the set-up is not training time
                 while self.step < tc.steps or self.guard.must_roll_back:
                     if self.guard.must_roll_back:
                         self.roll_back()
                         metrics.truncate_after(self.step)  # the rolled-back steps' records go
+                        if self.curve is not None and self.rt.is_main:
+                            redraw_curve(metrics.records(), self.run_dir / "eval-curve.png")  # and their points
                         window, count = {}, 0
                         continue
                     self.unet.train()
@@ -422,6 +470,8 @@ class DiffusionTrainer:
                     if self.step % tc.sample_every == 0 or self.step == tc.steps:
                         self.write_samples()
                         metrics.image("samples", self.run_dir / "samples" / f"step-{self.step:06d}.png", self.step)
+                    if self.curve is not None and (self.step % tc.eval_every == 0 or self.step == tc.steps):
+                        self.evaluate_curve(metrics, throughput, t_start)
                     stopped_by = checkpoint_or_stop(self.step, tc.steps, tc.checkpoint_every, stop, self.rt, self.save, progress.log,
                                                     lambda why: self.guard.checkpoint_refused(self.step, why, self.last_checkpoint))
                     if stopped_by:
@@ -442,4 +492,5 @@ class DiffusionTrainer:
             "ae_checkpoint": str(self.ae_checkpoint),
             "codes": self.codes_info,
             "rank_param_max_diff": self.rt.max_rank_difference(list(self.unet.parameters())),
+            **({"eval_curve": {"fid": fid_note, "seconds": round(self.eval_seconds, 2)}} if self.curve is not None else {}),
         }

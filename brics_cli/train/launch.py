@@ -18,6 +18,7 @@ from brics_cli.core.files import atomic_write_json, atomic_write_text, remove_st
 from brics_cli.core.locks import folder_lock
 from brics_cli.core.runtime import Runtime, resolve_device, setup_runtime
 from brics_cli.errors import BricsError
+from brics_cli.train.preflight import PrerequisitesMissing, ae_train_missing, as_json, diffusion_train_missing
 
 
 def _write_config(folder: Path, cfg) -> None:
@@ -67,13 +68,17 @@ def train_autoencoder(cfg, recipe: Path, run_dir: Path | None, device: str, dry_
     from brics_cli.train.perceptual import build_perceptual
 
     folder = run_dir or Path(cfg.run.dir) / "ae"
+    resolve_device(device)  # a wrong --device is a usage error before anything is looked up
+    missing = ae_train_missing(cfg, folder)  # everything the run needs, reported at once, before any work
+    if missing and not dry_run:
+        raise PrerequisitesMissing("ae-train", missing)
     rt = setup_runtime(device)
     try:
-        perceptual = build_perceptual(cfg.ae.loss, rt.device)  # missing weights stop here, before any work
+        perceptual = None if missing else build_perceptual(cfg.ae.loss, rt.device)
         trainer = AETrainer(cfg, folder, rt, perceptual)
         if dry_run:
             _resume(trainer, folder, announce=False)  # the plan says where it would start
-            return {"dry_run": True, **_ae_plan(recipe, folder, cfg, rt, trainer, perceptual)}
+            return {"dry_run": True, **_ae_plan(recipe, folder, cfg, rt, trainer, perceptual), "missing": as_json(missing)}
         with folder_lock(folder, rt):  # one writer per run folder
             return _train(trainer, folder, cfg, rt)
     finally:
@@ -93,7 +98,7 @@ def _ae_plan(recipe, folder, cfg, rt, trainer, perceptual) -> dict[str, Any]:
         "steps": cfg.ae.train.steps,
         "params": sum(p.numel() for p in trainer.ae.parameters()),
         "discriminator_params": sum(p.numel() for p in trainer.disc.parameters()),
-        "perceptual": cfg.ae.loss.perceptual_type if perceptual is not None else "none",
+        "perceptual": "none" if cfg.ae.loss.perceptual == 0 else cfg.ae.loss.perceptual_type,
         "gan": cfg.ae.loss.gan,
     }
 
@@ -101,22 +106,25 @@ def _ae_plan(recipe, folder, cfg, rt, trainer, perceptual) -> dict[str, Any]:
 def train_diffusion(cfg, recipe: Path, ae_run: Path | None, run_dir: Path | None, device: str,
                     dry_run: bool) -> dict[str, Any] | None:
     """`brics diffusion-train`: encode the data once (cached), then train the UNet on the codes."""
-    from brics_cli.train.diffusion import DiffusionTrainer, codes_key, find_ae_checkpoint
+    from brics_cli.train.diffusion import DiffusionTrainer, codes_key
 
     resolve_device(device)  # a wrong --device is a usage error before anything is looked up
+    cfg.check_stage("diffusion")
     folder = run_dir or Path(cfg.run.dir) / "diffusion"
-    ae_ckpt = find_ae_checkpoint(cfg, ae_run)
+    missing, ae_ckpt = diffusion_train_missing(cfg, recipe, ae_run, folder)  # all at once, before any work
+    if missing and not dry_run:
+        raise PrerequisitesMissing("diffusion-train", missing)
     rt = setup_runtime(device)
     try:
-        key = codes_key(ae_ckpt, cfg.data.shards, cfg.data.flip)
-        codes_dir = Path(cfg.run.dir) / "codes" / key
         tc = cfg.diffusion.train
         micro, accum = tc.accumulation(rt.world_size)  # a batch the ranks cannot split stops here, before the encode
+        key = codes_key(ae_ckpt, cfg.data.shards, cfg.data.flip) if ae_ckpt is not None and not missing else None
+        codes_dir = Path(cfg.run.dir) / "codes" / key if key else None
         if dry_run:
-            return {"dry_run": True, "recipe": str(recipe), "run": str(folder), "ae_checkpoint": str(ae_ckpt),
-                    "codes": str(codes_dir), "codes_cached": (codes_dir / "done.json").is_file(), "device": str(rt.device),
-                    "ranks": rt.world_size, "steps": tc.steps, "batch": tc.batch, "micro_batch": micro,
-                    "accumulation": accum, "bf16": tc.bf16, "compile": tc.compile}
+            return {"dry_run": True, "recipe": str(recipe), "run": str(folder), "ae_checkpoint": str(ae_ckpt) if ae_ckpt else None,
+                    "codes": str(codes_dir) if codes_dir else None, "codes_cached": bool(codes_dir and (codes_dir / "done.json").is_file()),
+                    "device": str(rt.device), "ranks": rt.world_size, "steps": tc.steps, "batch": tc.batch, "micro_batch": micro,
+                    "accumulation": accum, "bf16": tc.bf16, "compile": tc.compile, "missing": as_json(missing)}
         with folder_lock(folder, rt):  # one writer per run folder
             codes, info = _cached_codes(cfg, ae_ckpt, codes_dir, rt)
             trainer = DiffusionTrainer(cfg, folder, rt, ae_ckpt, codes, {**info, "dir": str(codes_dir), "key": key})

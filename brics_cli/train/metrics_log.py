@@ -24,9 +24,20 @@ def _record(line: str) -> dict[str, Any] | None:
     return record
 
 
+def _scalars(values: dict[str, Any], prefix: str = ""):
+    """(tag, value) of every finite number in `values`; a nested record ({"eval": {"fid": ...}}) gives "eval/fid"."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and math.isfinite(value):
+            yield prefix + key, value
+
+
 class MetricsLog:
     """Appends one JSON object per log step to metrics.jsonl; mirrors scalars and sample grids to
-    TensorBoard when it is installed (`pip install -e '.[tensorboard]'`).
+    TensorBoard when it is installed (`pip install -e '.[tensorboard]'`). Every record has "step" and
+    "time"; an in-training evaluation of the diffusion trainer is a record of its own, {"step", "time",
+    "eval": {...}}, so readers of the loss records skip the ones without "loss".
 
     A resumed or rolled-back run continues from a checkpoint at step S while the logs may hold later
     steps: `truncate_after(S)` drops them from metrics.jsonl and reopens TensorBoard's writer with
@@ -60,16 +71,23 @@ class MetricsLog:
         with Image.open(png) as img:
             self.tb.add_image(tag, np.asarray(img.convert("RGB")), step, dataformats="HWC")
 
-    def write(self, step: int, values: dict[str, Any]) -> None:
+    def write(self, step: int, values: dict[str, Any], scalars: tuple[str, ...] | None = None) -> None:
+        """Append {"step", "time", **values}; TensorBoard gets its numbers (only the tags in `scalars` when given)."""
         if not self.enabled:
             return
         record = {"step": step, "time": round(time.time(), 3), **values}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tb.add_scalar(key, value, step)
+            for tag, value in _scalars(values):
+                if scalars is None or tag in scalars:
+                    self.tb.add_scalar(tag, value, step)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The whole records of metrics.jsonl, in order (a torn line is skipped; `truncate_after` reports it)."""
+        if not self.path.is_file():
+            return []
+        return [r for r in map(_record, self.path.read_text(errors="replace").splitlines()) if r is not None]
 
     def truncate_after(self, step: int) -> None:
         """On resume (and rollback): keep the records up to `step`, so the log has no duplicate steps.
@@ -116,6 +134,10 @@ class Throughput:
 
     def add(self, n: int) -> None:
         self.items += n
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` of other work (an evaluation) out of the current window's time."""
+        self.start += seconds
 
     def read(self) -> float:
         """The window's rate; starts the next window."""

@@ -23,7 +23,7 @@ This package stands alone (no import from brics-vqgan); it imports the host bric
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +34,17 @@ from brics_cli.registry import DECODERS
 NUM_GROUPS = 32
 
 
+F16_CH_MULT = (1, 1, 2, 2, 4)  # taming's f16 VQGAN: 16x16 -> 256x256
+
+
 @dataclass
 class MoVQDecoderConfig:
     name: str = "movq"  # registry name; every decoder config starts with this field
     ch: int = 128  # base channel count; level i has ch * ch_mult[i] channels
-    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])  # len - 1 = number of x2 upsamplings
+    # len - 1 = number of x2 upsamplings. null: the last log2(R / H_d) + 1 multipliers of taming's f16
+    # [1, 1, 2, 2, 4] -- f16 itself for 16 -> 256, [2, 2, 4] for a 64x64 feature block (Table 9), so
+    # the lowest level keeps ch * 4 = 512 channels and the decoder follows the block it decodes.
+    ch_mult: list[int] | None = None
     num_res_blocks: int = 2  # per level the decoder runs num_res_blocks + 1 ResBlocks (as in taming)
     attn_resolutions: list[int] = field(default_factory=lambda: [16])  # resolutions with self-attention
     dropout: float = 0.0
@@ -47,9 +53,9 @@ class MoVQDecoderConfig:
     def validate(self) -> None:
         if self.ch <= 0:
             raise ValueError(f"decoder ch must be positive, got {self.ch}")
-        if not self.ch_mult or any(m <= 0 for m in self.ch_mult):
+        if self.ch_mult is not None and (not self.ch_mult or any(m <= 0 for m in self.ch_mult)):
             raise ValueError(f"decoder ch_mult must be a non-empty list of positive integers, got {self.ch_mult}")
-        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % NUM_GROUPS]
+        bad = [self.ch * m for m in (self.ch_mult or F16_CH_MULT) if (self.ch * m) % NUM_GROUPS]
         if bad:
             raise ValueError(
                 f"decoder channels ch * ch_mult must be multiples of {NUM_GROUPS} (GroupNorm groups), "
@@ -180,6 +186,11 @@ class MoVQDecoder(nn.Module):
                 f"the SpatialNorms are conditioned on the decoder input f; set it to null"
             )
         n_up = _log2_ratio(in_resolution, out_resolution)
+        if cfg.ch_mult is None:
+            if n_up + 1 > len(F16_CH_MULT):
+                raise ValueError(f"decoder upsamples {in_resolution} -> {out_resolution} ({n_up} x2 steps): more than "
+                                 f"f16's {len(F16_CH_MULT) - 1}; give decoder ch_mult with {n_up + 1} entries")
+            cfg = replace(cfg, ch_mult=list(F16_CH_MULT[len(F16_CH_MULT) - n_up - 1:]))
         if n_up != len(cfg.ch_mult) - 1:
             raise ValueError(
                 f"decoder upsamples {in_resolution} -> {out_resolution} ({n_up} x2 steps), but ch_mult "
