@@ -46,5 +46,8 @@ class PrerequisitesMissing(BricsError):
 
     def __init__(self, command: str, missing: list[Missing]) -> None:
         self.missing = missing
+        if len(missing) == 1:  # one thing missing: one line, as every other error
+            super().__init__(f"{command} cannot start: {missing[0].line()}")
+            return
         lines = "\n".join(f"  - {m.line()}" for m in missing)
-        super().__init__(f"{command} cannot start; {len(missing)} prerequisite{'s' if len(missing) > 1 else ''} missing:\n{lines}")
+        super().__init__(f"{command} cannot start; {len(missing)} prerequisites missing:\n{lines}")
