@@ -17,7 +17,6 @@ completes -- a rerun that finds every image already there too -- and named in th
 
 from __future__ import annotations
 
-import os
 import sys
 import zipfile
 from pathlib import Path
@@ -27,8 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from brics_cli.core.files import (atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_temporaries, sha256_file,
-                                  temporary_name)
+from brics_cli.core.files import atomic_open, atomic_write_bytes, atomic_write_json, remove_stale_temporaries, sha256_file
 from brics_cli.core.images import ImageSkip, load_image, png_bytes, save_image_grid
 from brics_cli.core.progress import Progress
 from brics_cli.core.locks import folder_lock
@@ -214,32 +212,19 @@ def write_npz_batch(path: Path, images: list[Path]) -> tuple[int, int, int, int]
     """`images` as `np.savez(path, arr_0=uint8 (N, H, W, 3))` writes them -- an uncompressed zip64 holding
     arr_0.npy, what the ADM / guided-diffusion evaluator `np.load`s -- streamed one image at a time (50k
     images at 256 x 256 are 9.8 GB: never twice in memory), written atomically as `atomic_write_bytes`
-    does (a hidden temporary in the same folder, fsync, rename, fsync of the folder). Returns the shape."""
+    does (`core.files.atomic_open`). Returns the shape."""
     first = _rgb_array(images[0])
     shape = (len(images), *first.shape)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    try:
-        with open(tmp, "wb") as raw:
-            with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-                with archive.open("arr_0.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": shape})
-                    for k, image in enumerate(images):
-                        array = first if k == 0 else _rgb_array(image)
-                        if array.shape != first.shape:
-                            raise BricsError(f"{image}: {array.shape[:2]} pixels, but {images[0]} has {first.shape[:2]}; "
-                                             "an .npz batch needs one size")
-                        member.write(np.ascontiguousarray(array).tobytes())
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:  # disk full, quota, read-only...: name the file meant, not the temporary
-        tmp.unlink(missing_ok=True)
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_open(path) as raw:
+        with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": shape})
+                for k, image in enumerate(images):
+                    array = first if k == 0 else _rgb_array(image)
+                    if array.shape != first.shape:
+                        raise BricsError(f"{image}: {array.shape[:2]} pixels, but {images[0]} has {first.shape[:2]}; "
+                                         "an .npz batch needs one size")
+                    member.write(np.ascontiguousarray(array).tobytes())
     return shape
 
 
