@@ -5,10 +5,13 @@ loading code runs unchanged; their checksums differ, so tests set BRICS_ALLOW_UN
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -21,6 +24,19 @@ def isolate_weights(monkeypatch, tmp_path: Path) -> Path:
     monkeypatch.delenv("BRICS_WEIGHTS_DIR", raising=False)
     monkeypatch.delenv("BRICS_ALLOW_UNVERIFIED_WEIGHTS", raising=False)
     return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+@contextlib.contextmanager
+def private_weights_environment(root: Path) -> Iterator[None]:
+    """TORCH_HOME, HOME (CLIP) and BRICS_CACHE_DIR under `root`, unverified (random-weight) files allowed,
+    for a module-scoped fixture (monkeypatch is function-scoped)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in dict(TORCH_HOME=root / "torch", HOME=root / "home", BRICS_CACHE_DIR=root / "cache",
+                               BRICS_ALLOW_UNVERIFIED_WEIGHTS=1).items():
+            mp.setenv(key, str(value))
+        mp.delenv("XDG_CACHE_HOME", raising=False)
+        mp.delenv("BRICS_WEIGHTS_DIR", raising=False)
+        yield
 
 
 def compact_random_state_dict(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 from brics_cli.data.shards import ShardOptions, write_shards
 from brics_cli.data.sources.demo import list_demo, process_demo
 from brics_cli.eval import metrics as M
-from eval_fixtures import make_samples, offline_env, save_fake_fidelity_inception, save_fake_torchvision, write_pngs
+from eval_fixtures import make_samples, offline_env, private_weights_environment, save_fake_fidelity_inception, save_fake_torchvision, write_pngs
 from test_shard import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +49,7 @@ def world(tmp_path_factory):
     save_fake_fidelity_inception(hub / "weights-inception-2015-12-05-6726825d.pth")
     save_fake_torchvision("alexnet", hub / "alexnet-owt-7be5be79.pth")
     shards = demo_shards(root / "shards", train=6)
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in dict(TORCH_HOME=root / "torch", HOME=root / "home", BRICS_CACHE_DIR=root / "cache",
-                               BRICS_ALLOW_UNVERIFIED_WEIGHTS=1).items():
-            mp.setenv(key, str(value))
-        mp.delenv("XDG_CACHE_HOME", raising=False)
-        mp.delenv("BRICS_WEIGHTS_DIR", raising=False)
+    with private_weights_environment(root):
         from brics_cli.eval.image_sets import export_shards
 
         reference = export_shards(shards, "train")

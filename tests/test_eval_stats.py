@@ -20,7 +20,7 @@ from brics_cli.eval import metrics as M
 from brics_cli.eval.features import Extractor
 from brics_cli.eval.generative import evaluate
 from brics_cli.eval.image_sets import load_reference, load_samples
-from eval_fixtures import make_samples, save_fake_fidelity_inception, save_fake_torchvision, write_pngs
+from eval_fixtures import make_samples, private_weights_environment, save_fake_fidelity_inception, save_fake_torchvision, write_pngs
 from test_eval_cli import demo_shards, noisy_copies
 from test_eval_metrics import RandomFeatureNet, photo_crops
 from test_shard import run_cli
@@ -43,12 +43,7 @@ def world(tmp_path_factory):
     (root / "home" / ".cache" / "clip").mkdir(parents=True)
     torch.save(tiny_clip.state_dict(), root / "home" / ".cache" / "clip" / "ViT-B-32.pt")
     shards = demo_shards(root / "shards", train=8)
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in dict(TORCH_HOME=root / "torch", HOME=root / "home", BRICS_CACHE_DIR=root / "cache",
-                               BRICS_ALLOW_UNVERIFIED_WEIGHTS=1).items():
-            mp.setenv(key, str(value))
-        mp.delenv("XDG_CACHE_HOME", raising=False)
-        mp.delenv("BRICS_WEIGHTS_DIR", raising=False)
+    with private_weights_environment(root):
         reference = load_reference(str(shards))
         samples = make_samples(root / "samples", noisy_copies(reference.path, 8, seed=0), data=str(shards))
         yield {"root": root, "shards": shards, "samples": samples, "reference": reference}
