@@ -80,10 +80,10 @@ def main() -> None:
         run = args.work / args.variant_set / name
         info = brics("info", str(RECIPE), *overrides)
         start = time.perf_counter()
-        trained = brics("ae-train", str(RECIPE), *overrides, "--run-dir", str(run))
+        trained = brics("ae-train", str(RECIPE), *overrides, "--out", str(run))
         train_s = time.perf_counter() - start
-        scores = brics("reconstruct", "--run", str(run), "--input", args.shards, "--out", str(run / "recon"),
-                       "--n", str(args.n))
+        scores = brics("reconstruct", "--from", str(run), "--input", args.shards, "--out", str(run / "recon"),
+                       "--limit", str(args.n))
         rows[name] = {
             "overrides": variants[name],
             "decoder_params": info["components"]["decoder"]["params"],

@@ -144,9 +144,11 @@ def resolve(name: str | Path) -> tuple[Path, tuple[str, ...]]:
     """(recipe file, overrides it implies): a file; a packaged preset (`church`) when no such file
     exists; or a paper row (`church-32x32x4`) = its preset and overrides."""
     path = Path(name)
-    if path.exists() or path.suffix or len(path.parts) > 1:
-        return path, ()
     known, rows = presets(), paper_rows()
+    if path.is_dir() and len(path.parts) == 1 and str(path) in {*known, *rows}:
+        pass  # a folder named like a preset (`brics demo --out demo` makes one) is never a recipe: the preset
+    elif path.exists() or path.suffix or len(path.parts) > 1:
+        return path, ()
     if str(path) in known:
         return known[str(path)], ()
     if str(path) in rows:

@@ -5,7 +5,9 @@ A recipe's `run.dir` (e.g. `runs/demo`) holds one folder per stage -- `ae/`, `co
 and `result.json`. Every command that reads a model accepts the run root, the stage folder or a
 checkpoint file (`find_checkpoint`). Without one, commands take the newest run under `runs/` and
 say which; `brics eval` and `brics nn-search` likewise take the newest `brics sample` output
-(`newest_samples`) and the newest `brics reconstruct` output (`newest_reconstruction`).
+(`newest_samples`) and the newest `brics reconstruct` output (`newest_reconstruction`): those the
+runs recorded in their `outputs.json` (written by `brics sample` / `brics reconstruct`, wherever
+`--out` put them) and those found below `runs/`.
 """
 
 from __future__ import annotations
@@ -68,23 +70,79 @@ def is_sample_manifest(obj) -> bool:
     return isinstance(obj, dict) and all(k in obj for k in SAMPLE_KEYS)
 
 
-def newest_samples(root: Path = Path("runs")) -> Path:
-    """The folder of the newest `brics sample` manifest under `root` (depth <= 4)."""
-    found = []
-    for manifest in _find(root, "manifest.json"):
-        try:
-            if is_sample_manifest(json.loads(manifest.read_text())):
-                found.append(manifest)
-        except (OSError, ValueError):
-            continue
-    if not found:
-        raise ConfigError(f"no `brics sample` output under {root}/ (a manifest.json with {', '.join(SAMPLE_KEYS)}); pass --samples DIR")
-    return max(found, key=lambda p: p.stat().st_mtime_ns).parent
+OUTPUTS_INDEX = "outputs.json"  # in a stage folder: the output folders its commands wrote, wherever --out put them
 
 
-def newest_reconstruction(root: Path = Path(".")) -> Path:
-    """The newest folder holding inputs/ and recon/: ./recon itself or below it, or below ./runs (depth <= 4)."""
-    found = [p.parent for base in (root / "recon", root / "runs") for p in _find(base, "inputs") if (p.parent / "recon").is_dir()]
+def record_output(checkpoint: Path, kind: str, folder: Path) -> None:
+    """Note in the checkpoint's stage folder (RUN/outputs.json) that `folder` holds `kind` output
+    ("samples", "reconstructions") of it, so `brics eval` finds it without --samples even when --out
+    put it outside runs/. Locked: two commands finishing at once both land. A checkpoint outside a
+    run folder, or a run folder that cannot be written, records nothing (the index only helps)."""
+    from filelock import FileLock
+
+    from brics_cli.core.files import atomic_write_json
+
+    if Path(checkpoint).parent.name != "checkpoints":
+        return
+    index = run_of_checkpoint(checkpoint) / OUTPUTS_INDEX
+    try:
+        with FileLock(str(index) + ".lock"):
+            _add_entry(index, kind, folder, atomic_write_json)
+    except OSError as exc:
+        print(f"note: could not record {folder} in {index} ({exc.strerror}); pass it as --samples to brics eval", file=sys.stderr)
+
+
+def _add_entry(index: Path, kind: str, folder: Path, write) -> None:
+    entries = [e for e in _read_index(index) if Path(e["folder"]) != Path(folder).resolve()]
+    entries.append({"kind": kind, "folder": str(Path(folder).resolve())})
+    write(index, {"outputs": entries[-100:]})
+
+
+def _read_index(index: Path) -> list[dict]:
+    try:
+        entries = json.loads(index.read_text())["outputs"]
+        return [e for e in entries if isinstance(e, dict) and {"kind", "folder"} <= set(e)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # absent or damaged: an index only helps to find outputs, it is never needed
+
+
+def _recorded(root: Path, kind: str) -> list[tuple[Path, Path]]:
+    """(output folder, the index naming it) for every `kind` output the runs under `root` recorded."""
+    return [(Path(e["folder"]), index) for index in _find(root, OUTPUTS_INDEX) for e in _read_index(index) if e["kind"] == kind]
+
+
+def _sample_manifest(folder: Path) -> Path | None:
+    manifest = Path(folder) / "manifest.json"
+    try:
+        return manifest if is_sample_manifest(json.loads(manifest.read_text())) else None
+    except (OSError, ValueError):
+        return None
+
+
+def newest_samples(root: Path = Path("runs")) -> tuple[Path, str]:
+    """The newest `brics sample` output -- recorded by a run under `root`, or found below `root` --
+    and where it was found (for the line that says what was picked)."""
+    found = {m.parent: f"found under {root}/" for m in _find(root, "manifest.json") if _sample_manifest(m.parent)}
+    for folder, index in _recorded(root, "samples"):
+        if _sample_manifest(folder) is not None:
+            found[folder] = f"recorded in {index}"
     if not found:
-        raise ConfigError("no `brics reconstruct` output found (a folder with inputs/ and recon/ under ./recon or ./runs); pass --samples DIR")
-    return max(found, key=lambda p: (p / "recon").stat().st_mtime_ns)
+        raise ConfigError(f"no samples found (none recorded by the runs under {root}/, none below it): make them with "
+                          f"`brics sample --from RUN --num-samples N --out DIR`, or pass --samples DIR")
+    newest = max(found, key=lambda f: (f / "manifest.json").stat().st_mtime_ns)
+    return newest, found[newest]
+
+
+def newest_reconstruction(root: Path = Path("runs")) -> tuple[Path, str]:
+    """The newest `brics reconstruct` output (a folder with inputs/ and recon/) -- recorded by a run
+    under `root`, found below it, or below ./recon -- and where it was found."""
+    found = {p.parent: f"found under {base}/" for base in (Path("recon"), Path(root)) for p in _find(base, "inputs")
+             if (p.parent / "recon").is_dir()}
+    for folder, index in _recorded(root, "reconstructions"):
+        if (folder / "recon").is_dir():
+            found[folder] = f"recorded in {index}"
+    if not found:
+        raise ConfigError(f"no reconstructions found (none recorded by the runs under {root}/, none below it or ./recon): "
+                          "make them with `brics reconstruct --from RUN --input SHARDS --out DIR`, or pass --samples DIR")
+    newest = max(found, key=lambda f: (f / "recon").stat().st_mtime_ns)
+    return newest, found[newest]

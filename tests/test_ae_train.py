@@ -26,7 +26,7 @@ from test_shard import run_cli
 
 def train_cmd(shards: Path, run: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "brics_cli", "ae-train", str(TINY_RECIPE), f"data.shards={shards}",
-            "ae.train.deterministic=true", *overrides, "--run-dir", str(run), "--json"]
+            "ae.train.deterministic=true", *overrides, "--out", str(run), "--json"]
 
 
 def final_tensors(run: Path) -> dict[str, torch.Tensor]:
@@ -82,7 +82,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_0(sig, tmp_path, tiny_shards):
 
 def test_dry_run_reports_the_plan_and_writes_nothing(tmp_path, tiny_shards, monkeypatch, capsys):
     code, out, err = run_cli(monkeypatch, capsys, "ae-train", TINY_RECIPE, f"data.shards={tiny_shards}",
-                             "ae.train.micro_batch=2", "--run-dir", tmp_path / "r", "--dry-run", "--json")
+                             "ae.train.micro_batch=2", "--out", tmp_path / "r", "--dry-run", "--json")
     assert code == 0, err
     plan = json.loads(out.splitlines()[-1])
     assert (plan["batch"], plan["micro_batch"], plan["accumulation"], plan["start_step"]) == (4, 2, 2, 0)
@@ -161,7 +161,7 @@ def test_missing_perceptual_weights_stop_before_any_work(tmp_path, tiny_shards, 
 
     isolate_weights(monkeypatch, tmp_path)
     code, out, err = run_cli(monkeypatch, capsys, "ae-train", TINY_RECIPE, f"data.shards={tiny_shards}",
-                             "ae.loss.perceptual_type=lpips-vgg", "ae.loss.perceptual=5", "--run-dir", tmp_path / "r")
+                             "ae.loss.perceptual_type=lpips-vgg", "ae.loss.perceptual=5", "--out", tmp_path / "r")
     assert code == 2  # a missing prerequisite
     assert "vgg16-397923af.pth" in err and str(tmp_path / "torch" / "hub" / "checkpoints") in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()

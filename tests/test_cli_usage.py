@@ -16,7 +16,7 @@ COMMANDS = {
     "ae-train": ["ae-train", DEMO, "--dry-run"],
     "diffusion-train": ["diffusion-train", DEMO, "--dry-run"],
     "reconstruct": ["reconstruct", "--input", "nowhere", "--out", "out"],
-    "sample": ["sample", "--n", "4", "--out", "out"],
+    "sample": ["sample", "--num-samples", "4", "--out", "out"],
     "eval": ["eval", "fid"],
     "eval recon": ["eval", "recon"],
     "nn-search": ["nn-search", "--metric", "l2"],

@@ -233,7 +233,7 @@ def diffusion_run(tmp_path_factory, tiny_shards) -> Path:
 def test_sample_rerun_rewrites_damaged_images_byte_for_byte(diffusion_run, tmp_path):
     """Cut to 100 bytes, cut by one byte (PIL still decodes it), a readable PNG of the wrong size, and a
     missing file: the rerun rewrites exactly those four and the folder equals an undisturbed run's."""
-    args = ["sample", "--run", diffusion_run, "--n", 8, "--steps", 4, "--batch", 8, "--device", "cpu"]
+    args = ["sample", "--from", diffusion_run, "--num-samples", 8, "--steps", 4, "--batch", 8, "--device", "cpu"]
     first = brics(*args, "--out", tmp_path / "undisturbed")
     assert first.returncode == 0, first.stderr[-3000:]
     shutil.copytree(tmp_path / "undisturbed", tmp_path / "damaged")

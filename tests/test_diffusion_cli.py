@@ -32,16 +32,16 @@ def test_codes_are_encoded_once_and_reused(runs, tiny_shards, tmp_path):
     codes = ckpt.load_tensors(key_dir / record["parts"][0])["codes"]
     assert codes.dtype == torch.float16 and codes.shape == (128, 4, 8, 8) and 0 <= codes.min() and codes.max() <= 1
     again = brics("diffusion-train", TINY_RECIPE, f"data.shards={tiny_shards}", f"run.dir={runs}",
-                  "--run-dir", tmp_path / "other", "diffusion.train.steps=2", "--json")
+                  "--out", tmp_path / "other", "diffusion.train.steps=2", "--json")
     assert "encoding" not in again.stderr
     assert json.loads(again.stdout.splitlines()[-1])["codes"]["key"] == key_dir.name
 
 
 def test_rerun_with_more_steps_continues_exactly(runs, tiny_shards, tmp_path):
     common = ["diffusion-train", TINY_RECIPE, f"data.shards={tiny_shards}", f"run.dir={runs}", "diffusion.train.checkpoint_every=100"]
-    brics(*common, "diffusion.train.steps=6", "--run-dir", tmp_path / "straight")
-    brics(*common, "diffusion.train.steps=3", "--run-dir", tmp_path / "split")
-    resumed = brics(*common, "diffusion.train.steps=6", "--run-dir", tmp_path / "split", "--json")
+    brics(*common, "diffusion.train.steps=6", "--out", tmp_path / "straight")
+    brics(*common, "diffusion.train.steps=3", "--out", tmp_path / "split")
+    resumed = brics(*common, "diffusion.train.steps=6", "--out", tmp_path / "split", "--json")
     assert json.loads(resumed.stdout.splitlines()[-1])["resumed_from"] == 3
     a = ckpt.load_tensors(ckpt.CheckpointDir(tmp_path / "straight" / "checkpoints").latest())
     b = ckpt.load_tensors(ckpt.CheckpointDir(tmp_path / "split" / "checkpoints").latest())
@@ -51,7 +51,7 @@ def test_rerun_with_more_steps_continues_exactly(runs, tiny_shards, tmp_path):
 
 def test_sample_is_reproducible_per_index_across_batch_sizes_and_interruptions(runs, tmp_path):
     run = runs / "diffusion"
-    args = ["--run", run, "--n", 12, "--sampler", "ddpm", "--steps", 60]
+    args = ["--from", run, "--num-samples", 12, "--sampler", "ddpm", "--steps", 60]
     brics("sample", *args, "--out", tmp_path / "b16", "--batch", 16)
     brics("sample", *args, "--out", tmp_path / "b4", "--batch", 4)
     killed = tmp_path / "killed"
@@ -77,19 +77,19 @@ def test_sample_is_reproducible_per_index_across_batch_sizes_and_interruptions(r
     assert {"run", "checkpoint_sha256", "sampler", "steps", "seed", "count", "files"} <= set(manifest)
     assert manifest["count"] == 12 and manifest["files"][0] == "000000.png" and manifest["data"]
     assert (killed / "grid.png").is_file()
-    other_seed = brics("sample", "--run", run, "--n", 1, "--sampler", "ddpm", "--steps", 60, "--out", tmp_path / "s1", "--seed", 1)
+    other_seed = brics("sample", "--from", run, "--num-samples", 1, "--sampler", "ddpm", "--steps", 60, "--out", tmp_path / "s1", "--seed", 1)
     assert other_seed.returncode == 0
     assert (tmp_path / "s1" / "000000.png").read_bytes() != (tmp_path / "b16" / "000000.png").read_bytes()
 
 
 def test_sample_without_a_run_says_so(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "brics_cli", "sample", "--n", "4", "--out", "s"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "brics_cli", "sample", "--num-samples", "4", "--out", "s"], capture_output=True, text=True)
     assert out.returncode == 1 and "no diffusion run found" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_sample_under_torchrun_splits_indices_and_matches_one_process(runs, tmp_path):
-    args = ["sample", "--run", str(runs / "diffusion"), "--n", "5", "--sampler", "ddim", "--steps", "10", "--batch", "2"]
+    args = ["sample", "--from", str(runs / "diffusion"), "--num-samples", "5", "--sampler", "ddim", "--steps", "10", "--batch", "2"]
     brics(*args, "--out", tmp_path / "one")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "brics_cli", "--", *args, "--out", str(tmp_path / "two"), "--json"]  # `--`: see README
@@ -104,7 +104,7 @@ def test_sample_under_torchrun_splits_indices_and_matches_one_process(runs, tmp_
 
 def test_sample_stops_cleanly_on_a_signal_to_its_group_and_a_second_writer_is_refused(runs, tmp_path):
     # 400 steps a batch: the first run is still sampling while the second starts (a whole interpreter) and is refused
-    args = ["sample", "--run", str(runs / "diffusion"), "--n", "12", "--sampler", "ddpm", "--steps", "400", "--batch", "4"]
+    args = ["sample", "--from", str(runs / "diffusion"), "--num-samples", "12", "--sampler", "ddpm", "--steps", "400", "--batch", "4"]
     brics(*args, "--out", tmp_path / "straight")
     out = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, "-m", "brics_cli", *args, "--out", str(out)], stdout=subprocess.PIPE,

@@ -107,7 +107,7 @@ def curve_run(ae_root, tiny_shards):
     run = ae_root / "nofid"
     env = isolated_env(ae_root, BRICS_TENSORBOARD="1")
     out = brics("diffusion-train", TINY_RECIPE, f"data.shards={tiny_shards}", f"run.dir={ae_root}", *EVAL,
-                "diffusion.train.steps=4", "--run-dir", run, "--json", env=env)
+                "diffusion.train.steps=4", "--out", run, "--json", env=env)
     return run, out
 
 
@@ -173,7 +173,7 @@ def test_a_run_killed_after_an_evaluation_and_rerun_logs_each_eval_step_once(cur
     shutil.copytree(run, copy)
     # As if killed after logging step 4's evaluation but before checkpointing step 4: the rerun resumes at 2.
     (copy / "checkpoints" / "step-000004.safetensors").unlink()
-    common = ["diffusion-train", TINY_RECIPE, f"data.shards={tiny_shards}", f"run.dir={ae_root}", *EVAL, "--run-dir", copy]
+    common = ["diffusion-train", TINY_RECIPE, f"data.shards={tiny_shards}", f"run.dir={ae_root}", *EVAL, "--out", copy]
     rerun = brics(*common, "diffusion.train.steps=6", env=isolated_env(ae_root))
     assert "from step 2" in rerun.stderr
     assert [r["step"] for r in eval_records(copy)] == [2, 4, 6]
@@ -212,7 +212,7 @@ def test_fid_with_random_weight_inception_equals_a_second_computation(ae_root, s
     env = isolated_env(tmp_path, BRICS_ALLOW_UNVERIFIED_WEIGHTS=1)
     run = tmp_path / "fid"
     out = brics("diffusion-train", TINY_RECIPE, f"data.shards={small_shards}", f"run.dir={ae_root}", *EVAL,
-                "diffusion.train.eval_samples=4", "diffusion.train.steps=2", "--run-dir", run, env=env)
+                "diffusion.train.eval_samples=4", "diffusion.train.steps=2", "--out", run, env=env)
     assert "FID skipped" not in out.stderr and "FID against the Inception statistics of 8 training images" in out.stderr
     [record] = eval_records(run)
     e = record["eval"]
@@ -242,7 +242,7 @@ def test_two_ranks_stay_in_step_and_log_the_one_process_metric(ae_root, tiny_sha
     run = tmp_path / "two"
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "brics_cli", "--")
     out = brics("diffusion-train", TINY_RECIPE, f"data.shards={tiny_shards}", f"run.dir={ae_root}", *EVAL,
-                "diffusion.train.eval_batch=8", "diffusion.train.steps=2", "--run-dir", run, env=isolated_env(tmp_path),
+                "diffusion.train.eval_batch=8", "diffusion.train.steps=2", "--out", run, env=isolated_env(tmp_path),
                 launcher=torchrun)
     assert out.stderr.count("FID skipped") == 1  # rank 0 alone says it
     [record] = eval_records(run)  # rank 0 alone writes

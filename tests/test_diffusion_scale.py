@@ -96,12 +96,12 @@ def test_compile_wraps_the_training_model_and_leaves_the_checkpointed_unet_plain
 def test_micro_batch_and_bf16_on_the_cpu_give_the_undisturbed_runs_checkpoint(pipeline, tiny_shards, tmp_path):
     common = ["diffusion-train", TINY_RECIPE, f"data.shards={tiny_shards}", f"run.dir={pipeline}", "diffusion.train.steps=1"]
     plan = brics(*common, "diffusion.train.micro_batch=2", "diffusion.train.bf16=true", "diffusion.train.compile=true",
-                 "--run-dir", tmp_path / "planned", "--dry-run", "--json")
+                 "--out", tmp_path / "planned", "--dry-run", "--json")
     assert {k: v for k, v in json.loads(plan.stdout.splitlines()[-1]).items()
             if k in ("batch", "micro_batch", "accumulation", "bf16", "compile")} == {
         "batch": 8, "micro_batch": 2, "accumulation": 4, "bf16": True, "compile": True}
     assert not (tmp_path / "planned").exists()
-    brics(*common, "diffusion.train.micro_batch=2", "diffusion.train.bf16=true", "--run-dir", tmp_path / "micro")
+    brics(*common, "diffusion.train.micro_batch=2", "diffusion.train.bf16=true", "--out", tmp_path / "micro")
     undisturbed = ckpt.load_tensors(ckpt.CheckpointDir(pipeline / "diffusion" / "checkpoints").latest())
     micro = ckpt.load_tensors(ckpt.CheckpointDir(tmp_path / "micro" / "checkpoints").latest())
     weights = [k for k in undisturbed if k.startswith(("unet.", "ema."))]
@@ -115,7 +115,7 @@ def test_micro_batch_and_bf16_on_the_cpu_give_the_undisturbed_runs_checkpoint(pi
 ])
 def test_a_micro_batch_that_does_not_fit_is_refused_in_one_line(pipeline, tiny_shards, tmp_path, overrides, message):
     out = brics("diffusion-train", TINY_RECIPE, f"data.shards={tiny_shards}", f"run.dir={pipeline}", *overrides,
-                "--run-dir", tmp_path / "r", "--dry-run", check=False)
+                "--out", tmp_path / "r", "--dry-run", check=False)
     assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 

@@ -28,15 +28,15 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 
 def test_ae_train_on_a_full_disk_then_rerun_equals_a_straight_run(tmp_path, tiny_shards):
     args = ["ae-train", str(TINY_RECIPE), f"data.shards={tiny_shards}", "ae.train.deterministic=true", "--json"]
-    straight = run(args + ["--run-dir", str(tmp_path / "straight")])
+    straight = run(args + ["--out", str(tmp_path / "straight")])
     assert straight.returncode == 0, straight.stderr
-    full = run(args + ["--run-dir", str(tmp_path / "run")], file_limit=1_000_000)  # a checkpoint is ~2.5 MB
+    full = run(args + ["--out", str(tmp_path / "run")], file_limit=1_000_000)  # a checkpoint is ~2.5 MB
     assert full.returncode == 1 and "Traceback" not in full.stderr
     [line] = error_lines(full)
     assert f"cannot write {tmp_path / 'run' / 'checkpoints' / 'step-000004.safetensors'}: " in line
     assert "File too large" in line and "rerun the same command" in line
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []  # no partial checkpoint, no temporary
-    rerun = run(args + ["--run-dir", str(tmp_path / "run")])
+    rerun = run(args + ["--out", str(tmp_path / "run")])
     assert rerun.returncode == 0, rerun.stderr
     a = load_tensors(tmp_path / "straight" / "checkpoints" / "step-000008.safetensors", "ema.")
     b = load_tensors(tmp_path / "run" / "checkpoints" / "step-000008.safetensors", "ema.")

@@ -141,7 +141,8 @@ def test_eval_defaults_pick_the_newest_samples_and_their_training_data(monkeypat
     new = make_samples(tmp_path / "runs" / "new" / "samples", images, run=str(run))
     os.utime(old / "manifest.json", (1, 1))
     result, err = cli_json(monkeypatch, capsys, "eval", "fid", "--batch", "8")
-    assert "samples: runs/new/samples (newest" in err and "training data recorded for the samples" in err
+    assert "samples: runs/new/samples (the newest `brics sample` output, found under runs/" in err
+    assert "training data recorded for the samples" in err
     assert result["protocol"]["samples"]["path"] == "runs/new/samples" and result["protocol"]["reference"]["recorded_for_samples"]
     assert (new / "eval-fid.json").is_file()
     export = Path(result["protocol"]["reference"]["path"]) / "export.json"
@@ -178,7 +179,7 @@ def test_eval_recon_reports_table2_numbers(monkeypatch, capsys, tmp_path, world)
     assert json.loads((folder / "eval-recon.json").read_text())["protocol"]["lpips"] == "lpips v0.1 alex"
     monkeypatch.chdir(tmp_path)  # without --samples: the newest reconstruction folder under ./recon or ./runs
     none, err = cli_json(monkeypatch, capsys, "eval", "recon", "--lpips-net", "none")
-    assert "reconstructions: runs/demo/recon-val (newest" in err
+    assert "reconstructions: runs/demo/recon-val (the newest `brics reconstruct` output, found under runs/" in err
     assert none["lpips"] is None and none["lpips_unavailable"] and none["psnr"] == result["psnr"]
     (folder / "recon" / "000005.png").unlink()
     code, _, err = run_cli(monkeypatch, capsys, "eval", "recon", "--samples", folder)
@@ -256,7 +257,7 @@ def test_nn_search_lpips_matches_lpips_package(monkeypatch, capsys, tmp_path, wo
     for i, certified in enumerate(two_stage.certified):
         if certified:
             assert two_stage.indices[i].tolist() == order[i, :3].tolist()
-    result, _ = cli_json(monkeypatch, capsys, "nn-search", "--samples", world["samples"], "--queries", "3", "--k", "3", "--exact", "--out", tmp_path / "nn")
+    result, _ = cli_json(monkeypatch, capsys, "nn-search", "--samples", world["samples"], "--limit", "3", "--k", "3", "--exact", "--out", tmp_path / "nn")
     nn = json.loads((tmp_path / "nn" / "nn.json").read_text())
     assert nn["metric"] == "lpips" and [q["neighbours"][0]["key"] for q in nn["queries"]] == [bank.files[j].stem for j in order[:, 0].tolist()]
 

@@ -211,7 +211,7 @@ def test_loader_workers_survive_sigint_sigterm_sigusr1_sent_to_the_process_group
 def test_signal_to_the_whole_group_of_a_run_with_workers_checkpoints_and_exits_0(tmp_path, tiny_shards, sig):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "brics_cli", "ae-train", str(TINY_RECIPE), f"data.shards={tiny_shards}", "data.workers=1",
-           "ae.train.steps=400", "ae.train.checkpoint_every=1000", "--run-dir", str(run), "--json"]
+           "ae.train.steps=400", "ae.train.checkpoint_every=1000", "--out", str(run), "--json"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # like `setsid brics ...`
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (run / "metrics.jsonl").is_file():

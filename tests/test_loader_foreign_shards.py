@@ -60,7 +60,7 @@ def jpg_shards(tmp_path_factory) -> str:
 
 def train_cmd(shards: str, run: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "brics_cli", "ae-train", str(TINY_RECIPE), f"data.shards={shards}", "ae.train.steps=2",
-            "ae.train.checkpoint_every=2", *overrides, "--run-dir", str(run), "--json"]
+            "ae.train.checkpoint_every=2", *overrides, "--out", str(run), "--json"]
 
 
 def test_shardwriter_jpgs_of_any_size_train_with_ae_train(tmp_path, jpg_shards):

@@ -77,7 +77,7 @@ def test_a_second_ae_train_on_one_run_folder_is_refused_and_changes_nothing(tmp_
     from conftest import TINY_RECIPE
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "brics_cli", "ae-train", str(TINY_RECIPE), f"data.shards={tiny_shards}", "--run-dir", str(run)]
+    cmd = [sys.executable, "-m", "brics_cli", "ae-train", str(TINY_RECIPE), f"data.shards={tiny_shards}", "--out", str(run)]
     first = subprocess.Popen(cmd + ["ae.train.steps=400", "ae.train.checkpoint_every=1000"], stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

@@ -45,7 +45,7 @@ def test_tensorboard_gets_the_sample_grids_and_no_stale_steps_after_a_resume(tmp
     from conftest import TINY_RECIPE
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "brics_cli", "ae-train", str(TINY_RECIPE), f"data.shards={tiny_shards}", "--run-dir", str(run),
+    cmd = [sys.executable, "-m", "brics_cli", "ae-train", str(TINY_RECIPE), f"data.shards={tiny_shards}", "--out", str(run),
            "ae.train.log_every=2", "ae.train.sample_every=4", "ae.train.checkpoint_every=4", "ae.train.keep=5"]
     first = subprocess.run(cmd + ["ae.train.steps=6"], capture_output=True, text=True)
     assert first.returncode == 0, first.stderr

@@ -96,3 +96,12 @@ def test_a_checkpoint_from_before_a_key_existed_still_resumes_but_a_changed_key_
     assert recipe.resume_conflicts(saved, "ae") == []
     saved["ae"]["grid"]["levels"] += 1
     assert recipe.resume_conflicts(saved, "ae") == ["ae.grid"]
+
+
+def test_a_folder_named_like_a_preset_does_not_hide_the_preset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # what `brics demo --out demo` leaves
+    assert load_recipe("demo") == load_recipe(presets()["demo"])
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(Exception, match="directory"):
+        load_recipe("mine")

@@ -29,7 +29,7 @@ def test_ae_train_names_the_missing_shards_and_weights_together_and_writes_nothi
     hub = isolate_weights(monkeypatch, tmp_path)
     monkeypatch.chdir(tmp_path)
     argv = ["ae-train", TINY_RECIPE, "data.shards=shards/none", "ae.loss.perceptual_type=vgg-l1", "ae.loss.perceptual=1",
-            "--run-dir", tmp_path / "run"]
+            "--out", tmp_path / "run"]
     code, err = run_in_process(list(map(str, argv)), capsys)
     lines = err.strip().splitlines()
     assert code == 2 and lines[0] == "error: ae-train cannot start; 2 prerequisites missing:"
@@ -47,7 +47,7 @@ def test_ae_train_names_the_missing_shards_and_weights_together_and_writes_nothi
 def test_a_run_folder_that_cannot_be_created_is_named_before_any_work(tmp_path, tiny_shards, monkeypatch, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    code, err = run_in_process(["ae-train", str(TINY_RECIPE), f"data.shards={tiny_shards}", "--run-dir", str(blocker / "run")], capsys)
+    code, err = run_in_process(["ae-train", str(TINY_RECIPE), f"data.shards={tiny_shards}", "--out", str(blocker / "run")], capsys)
     assert code == 2 and f"run folder {blocker / 'run'}: {blocker} is not a writable folder" in err
 
 
@@ -63,7 +63,7 @@ def test_diffusion_train_names_the_missing_autoencoder_and_shards(tmp_path, monk
 
 
 def test_a_complete_setup_plans_with_nothing_missing(tmp_path, tiny_shards, capsys):
-    code, out, err = plan_or_error(["ae-train", TINY_RECIPE, f"data.shards={tiny_shards}", "--run-dir", tmp_path / "r",
+    code, out, err = plan_or_error(["ae-train", TINY_RECIPE, f"data.shards={tiny_shards}", "--out", tmp_path / "r",
                                     "--dry-run", "--json"], capsys)
     assert code in (0, None), err
     assert json.loads(out.splitlines()[-1])["missing"] == []

@@ -103,9 +103,9 @@ def test_two_rank_run_interrupted_by_sigterm_to_its_group_then_rerun_equals_an_u
         assert ae.returncode == 0, ae.stderr
     steps = [f"{stage}.train.steps=16", f"{stage}.train.checkpoint_every=100", f"{stage}.train.sample_every=100"]
     straight = tmp_path / "straight"
-    run = subprocess.run(TORCHRUN + [f"{stage}-train", str(TINY_RECIPE), *common, *steps, "--run-dir", str(straight)],
+    run = subprocess.run(TORCHRUN + [f"{stage}-train", str(TINY_RECIPE), *common, *steps, "--out", str(straight)],
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     interrupted = tmp_path / "interrupted"
-    interrupt_then_rerun([f"{stage}-train", str(TINY_RECIPE), *common, *steps, "--run-dir", str(interrupted)], interrupted, 4)
+    interrupt_then_rerun([f"{stage}-train", str(TINY_RECIPE), *common, *steps, "--out", str(interrupted)], interrupted, 4)
     assert_bitwise_equal(final_tensors(straight), final_tensors(interrupted))

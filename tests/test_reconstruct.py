@@ -19,7 +19,7 @@ from test_shard import run_cli
 def trained(tmp_path_factory, tiny_shards):
     run = tmp_path_factory.mktemp("ae") / "ae"
     out = subprocess.run([sys.executable, "-m", "brics_cli", "ae-train", str(TINY_RECIPE), f"data.shards={tiny_shards}",
-                          "ae.train.steps=6", "--run-dir", str(run), "--json"], capture_output=True, text=True)
+                          "ae.train.steps=6", "--out", str(run), "--json"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return run
 
@@ -29,8 +29,8 @@ def load(path) -> np.ndarray:
 
 
 def test_metrics_match_the_written_images_and_reruns_are_identical(tmp_path, trained, tiny_shards, monkeypatch, capsys):
-    code, out, err = run_cli(monkeypatch, capsys, "reconstruct", "--run", trained, "--input", tiny_shards,
-                             "--out", tmp_path / "a", "--n", 10, "--batch", 4, "--usage", "--json")
+    code, out, err = run_cli(monkeypatch, capsys, "reconstruct", "--from", trained, "--input", tiny_shards,
+                             "--out", tmp_path / "a", "--limit", 10, "--batch", 4, "--usage", "--json")
     assert code == 0, err
     result = json.loads(out.splitlines()[-1])
     assert result["n"] == 10 and json.loads((tmp_path / "a" / "metrics.json").read_text()) == result
@@ -46,8 +46,8 @@ def test_metrics_match_the_written_images_and_reruns_are_identical(tmp_path, tra
     assert len(result["usage"]) == 4 and all(0 < u <= 1 for u in result["usage"])
     assert (tmp_path / "a" / "usage.png").is_file() and (tmp_path / "a" / "grid.png").is_file()
     # Deterministic: a second run with another batch size writes identical files.
-    code, out, err = run_cli(monkeypatch, capsys, "reconstruct", "--run", trained, "--input", tiny_shards,
-                             "--out", tmp_path / "b", "--n", 10, "--batch", 3, "--json")
+    code, out, err = run_cli(monkeypatch, capsys, "reconstruct", "--from", trained, "--input", tiny_shards,
+                             "--out", tmp_path / "b", "--limit", 10, "--batch", 3, "--json")
     assert code == 0, err
     for i in range(10):
         a = (tmp_path / "a" / "recon" / f"{i:06d}.png").read_bytes()
@@ -63,7 +63,7 @@ def test_a_folder_of_images_with_a_corrupt_file(tmp_path, trained, monkeypatch, 
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (50, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    code, out, err = run_cli(monkeypatch, capsys, "reconstruct", "--ckpt", next((trained / "checkpoints").glob("*.safetensors")),
+    code, out, err = run_cli(monkeypatch, capsys, "reconstruct", "--from", next((trained / "checkpoints").glob("*.safetensors")),
                              "--input", folder, "--out", tmp_path / "o", "--json")
     assert code == 0, err
     result = json.loads(out.splitlines()[-1])
@@ -75,7 +75,7 @@ def test_checkpoint_names_the_missing_decoder_plugin(tmp_path, tiny_shards):
     run = tmp_path / "vq"
     cmd = [sys.executable, "-m", "brics_cli", "ae-train", str(TINY_RECIPE), f"data.shards={tiny_shards}",
            "ae.decoder.name=vqgan", "ae.decoder.ch=32", "ae.decoder.ch_mult=[1,1,1]", "ae.decoder.num_res_blocks=0",
-           "ae.decoder.attn_resolutions=[]", "ae.train.steps=2", "--run-dir", str(run), "--json"]
+           "ae.decoder.attn_resolutions=[]", "ae.train.steps=2", "--out", str(run), "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     from brics_cli.core.checkpoint import read_metadata
@@ -84,14 +84,14 @@ def test_checkpoint_names_the_missing_decoder_plugin(tmp_path, tiny_shards):
     assert meta["decoder"]["name"] == "vqgan" and meta["decoder"]["distribution"] == "brics-vqgan"
     assert meta["decoder"]["version"]
     env = {**os.environ, "BRICS_LOAD_PLUGINS": ""}
-    rec = subprocess.run([sys.executable, "-m", "brics_cli", "reconstruct", "--run", str(run), "--input", str(tiny_shards),
+    rec = subprocess.run([sys.executable, "-m", "brics_cli", "reconstruct", "--from", str(run), "--input", str(tiny_shards),
                           "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env)
     assert rec.returncode == 1
     assert "brics-vqgan" in rec.stderr and "pip install" in rec.stderr and "Traceback" not in rec.stderr
 
 
 def test_torchrun_two_cpu_ranks_split_the_images_and_agree_with_one_process(tmp_path, trained, tiny_shards):
-    args = ["reconstruct", "--run", str(trained), "--input", str(tiny_shards), "--n", "7", "--batch", "2", "--usage", "--json"]
+    args = ["reconstruct", "--from", str(trained), "--input", str(tiny_shards), "--limit", "7", "--batch", "2", "--usage", "--json"]
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # as each rank below: thread counts change the last bits
     single = subprocess.run([sys.executable, "-m", "brics_cli", *args, "--out", str(tmp_path / "one")],
                             capture_output=True, text=True, timeout=300, env=one_thread)

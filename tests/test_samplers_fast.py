@@ -269,7 +269,7 @@ def diffusion_run(tmp_path_factory, tiny_shards) -> Path:
 
 def test_sample_npz_is_the_evaluators_batch_of_the_pngs(diffusion_run, tmp_path):
     out, npz = tmp_path / "s", tmp_path / "batches" / "s.npz"
-    args = ["sample", "--run", diffusion_run, "--n", 5, "--sampler", "dpm-solver++", "--steps", 6, "--batch", 2, "--out", out]
+    args = ["sample", "--from", diffusion_run, "--num-samples", 5, "--sampler", "dpm-solver++", "--steps", 6, "--batch", 2, "--out", out]
     manifest = json.loads(brics(*args, "--npz", npz, "--json").stdout.splitlines()[-1])
     assert manifest["npz"]["path"] == str(npz) and manifest["npz"]["shape"] == [5, 32, 32, 3]
     assert json.loads((out / "manifest.json").read_text())["npz"] == manifest["npz"]
@@ -289,9 +289,22 @@ def test_sample_npz_is_the_evaluators_batch_of_the_pngs(diffusion_run, tmp_path)
 
 
 def test_sample_with_heun_and_the_eta_rule(diffusion_run, tmp_path):
-    common = ["sample", "--run", diffusion_run, "--n", 2, "--steps", 4, "--out", tmp_path / "h"]
+    common = ["sample", "--from", diffusion_run, "--num-samples", 2, "--steps", 4, "--out", tmp_path / "h"]
     refused = brics(*common, "--sampler", "heun", "--eta", 0.3, check=False)
     assert refused.returncode == 2 and "--eta applies to the ddim sampler only" in refused.stderr
     manifest = json.loads(brics(*common, "--sampler", "heun", "--json").stdout.splitlines()[-1])
     assert manifest["sampler"] == "heun" and manifest["eta"] == 0.0 and "npz" not in manifest
     assert math.isfinite(np.asarray(Image.open(tmp_path / "h" / "000001.png")).mean())
+
+
+def test_sample_output_is_recorded_by_its_run_and_found_by_eval_wherever_it_was_written(diffusion_run, tmp_path):
+    root = diffusion_run.parent  # the run root (the recipe's run.dir), standing in for runs/
+    common = ["sample", "--from", root, "--num-samples", 2, "--steps", 2, "--sampler", "ddim"]  # the run root is accepted
+    brics(*common, "--out", root / "samples-old")
+    elsewhere = tmp_path / "elsewhere" / "ddim"
+    brics(*common, "--out", elsewhere)
+    index = json.loads((diffusion_run / "outputs.json").read_text())["outputs"]
+    assert [e["folder"] for e in index if e["kind"] == "samples"][-2:] == [str(root / "samples-old"), str(elsewhere)]
+    found = brics("nn-search", "--runs", root, "--metric", "l2", "--limit", 2, "--k", 1, "--out", tmp_path / "nn", "--json")
+    assert (f"samples: {elsewhere} (the newest `brics sample` output, recorded in {diffusion_run / 'outputs.json'}"
+            in found.stderr), found.stderr

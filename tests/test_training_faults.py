@@ -58,7 +58,7 @@ def brics(*args, file_limit: int | None = None, kill: bool = False) -> subproces
 
 def ae_train(shards: Path, run: Path, *overrides: str, **limits) -> subprocess.CompletedProcess:
     return brics("ae-train", TINY_RECIPE, f"data.shards={shards}", "ae.train.deterministic=true", *overrides,
-                 "--run-dir", run, "--json", **limits)
+                 "--out", run, "--json", **limits)
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
@@ -164,8 +164,8 @@ def test_a_diverging_discriminator_rolls_back_then_stops_naming_the_last_good_ch
     assert logged == sorted(set(logged))  # the rolled-back records were dropped, not duplicated
     for path in kept.newest_first():
         assert_sane(path, ("ae", "ema", "disc"))
-        code, stdout, err = run_cli(monkeypatch, capsys, "reconstruct", "--ckpt", path, "--input", tiny_shards,
-                                    "--out", tmp_path / path.stem, "--n", 4, "--device", "cpu", "--json")
+        code, stdout, err = run_cli(monkeypatch, capsys, "reconstruct", "--from", path, "--input", tiny_shards,
+                                    "--out", tmp_path / path.stem, "--limit", 4, "--device", "cpu", "--json")
         assert code == 0, err
         psnr = json.loads(stdout.splitlines()[-1])["psnr"]["mean"]
         assert psnr is not None and 3 < psnr < 60, psnr  # a NaN model reconstructs black: PSNR null
@@ -174,7 +174,7 @@ def test_a_diverging_discriminator_rolls_back_then_stops_naming_the_last_good_ch
 def test_sigterm_during_a_divergence_exits_0_without_checkpointing_the_diverged_model(tmp_path, tiny_shards):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "brics_cli", "ae-train", str(TINY_RECIPE), f"data.shards={tiny_shards}", "ae.optim.d_lr=1e12",
-           "ae.loss.gan_start=4", "ae.train.steps=400", "ae.train.max_bad_steps=3", "--run-dir", str(run), "--json"]
+           "ae.loss.gan_start=4", "ae.train.steps=400", "ae.train.max_bad_steps=3", "--out", str(run), "--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     for line in proc.stderr:  # the first rollback: back at step 4, and step 5 diverges again
@@ -212,7 +212,7 @@ def test_diffusion_divergence_keeps_good_checkpoints_and_a_lower_rate_continues(
                                                                                  monkeypatch, capsys):
     run = tmp_path / "diffusion"
     shutil.copytree(pipeline / "diffusion", run)
-    common = ["diffusion-train", TINY_RECIPE, f"data.shards={tiny_shards}", f"run.dir={pipeline}", "--run-dir", run,
+    common = ["diffusion-train", TINY_RECIPE, f"data.shards={tiny_shards}", f"run.dir={pipeline}", "--out", run,
               "diffusion.train.checkpoint_every=2", "--json"]
     out = brics(*common, "diffusion.optim.lr=1e12")  # diffusion.optim may change on resume: it takes effect
     assert out.returncode == 1
@@ -223,7 +223,7 @@ def test_diffusion_divergence_keeps_good_checkpoints_and_a_lower_rate_continues(
     assert kept.steps() == [2, 4]
     for path in kept.newest_first():
         assert_sane(path, ("unet", "ema"))
-        code, _, err = run_cli(monkeypatch, capsys, "sample", "--run", path, "--n", 2, "--steps", 4, "--device", "cpu",
+        code, _, err = run_cli(monkeypatch, capsys, "sample", "--from", path, "--num-samples", 2, "--steps", 4, "--device", "cpu",
                                "--out", tmp_path / path.stem)
         assert code == 0, err
         for png in sorted((tmp_path / path.stem).glob("0*.png")):
@@ -328,7 +328,7 @@ def test_a_checkpoint_write_killed_by_the_kernel_leaves_nothing_after_the_rerun(
 
 def test_the_code_cache_has_no_temporaries_after_a_rerun(tmp_path, tiny_shards, pipeline):
     [cached] = (pipeline / "codes").iterdir()  # the undisturbed encode of the same AE and data
-    common = ["diffusion-train", TINY_RECIPE, f"data.shards={tiny_shards}", f"run.dir={tmp_path}", "--ae-run", pipeline / "ae",
+    common = ["diffusion-train", TINY_RECIPE, f"data.shards={tiny_shards}", f"run.dir={tmp_path}", "--ae", pipeline / "ae",
               "diffusion.train.steps=2"]
     killed = brics(*common, file_limit=32_000, kill=True)  # a part of the tiny cache is ~66 kB
     assert killed.returncode == -25

@@ -7,16 +7,17 @@ from typing import List, Optional
 
 import typer
 
-from brics_cli.cli.output import emit_json, finish_plan
+from brics_cli.cli.output import emit_json, finish_plan, renamed
 
 
 def ae_train(
     recipe: Path = typer.Argument(..., help="A recipe file or preset name (`brics recipes list`), e.g. demo or my.yaml."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Overrides `section.key=value`, e.g. ae.train.steps=500."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (default: RUN.DIR/ae from the recipe)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: RUN.DIR/ae from the recipe)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto. Under torchrun each rank takes its LOCAL_RANK GPU."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Build everything, print the plan, train nothing."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
+    old_run_dir: Optional[Path] = typer.Option(None, "--run-dir", hidden=True),
 ) -> None:
     """Train encoder, grids, F_mlp and decoder against the discriminator (paper Sec. 3.3).
 
@@ -27,7 +28,8 @@ def ae_train(
     from brics_cli.recipe import load_recipe
     from brics_cli.train.launch import train_autoencoder
 
-    result = train_autoencoder(load_recipe(recipe, overrides or []), recipe, run_dir, device, dry_run)
+    result = train_autoencoder(load_recipe(recipe, overrides or []), recipe, renamed(out, old_run_dir, "--out", "--run-dir"),
+                               device, dry_run)
     if result is None:  # not rank 0
         return
     if dry_run:

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from brics_cli.cli.output import emit_json
+from brics_cli.cli.output import emit_json, renamed
 
 def eval_command(
     metric: str = typer.Argument(
@@ -21,8 +21,8 @@ def eval_command(
         None, "--ref", help="Reference shard folder or image folder. Default: the training data recorded for the samples."
     ),
     split: str = typer.Option("train", "--split", help="Split of the reference shards (the paper: train)."),
-    n: Optional[int] = typer.Option(None, "--n", help="Use the first N generated images (default: all)."),
-    n_ref: Optional[int] = typer.Option(None, "--n-ref", help="Use the first N reference images (default: all)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use the first N generated images (default: all)."),
+    ref_limit: Optional[int] = typer.Option(None, "--ref-limit", help="Use the first N reference images (default: all)."),
     batch: int = typer.Option(64, "--batch", help="Images per forward pass."),
     workers: int = typer.Option(0, "--workers", help="DataLoader workers decoding images."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
@@ -40,6 +40,8 @@ def eval_command(
     ),
     moments_only: bool = typer.Option(False, "--moments-only", help="stats: store means and covariances only (no KID / prc features)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    old_n: Optional[int] = typer.Option(None, "--n", hidden=True),
+    old_n_ref: Optional[int] = typer.Option(None, "--n-ref", hidden=True),
 ) -> None:
     """Measure generated images like the paper's Tables 4/5 (FID, IS, KID and precision/recall through
     torch-fidelity; CLIP-FID through clean-fid; FD-DINOv2 as EDM2), or reconstructions like Table 2 (PSNR,
@@ -49,6 +51,7 @@ def eval_command(
     from brics_cli.eval.commands import run_eval
 
     listed = [part for item in networks or [] for part in item.split(",") if part] if networks is not None else None
+    n, n_ref = renamed(limit, old_n, "--limit", "--n"), renamed(ref_limit, old_n_ref, "--ref-limit", "--n-ref")
     written = run_eval(metric, samples, ref, split=split, n=n, n_ref=n_ref, batch=batch, workers=workers, device=device,
                        runs=runs, lpips_net=lpips_net, ref_stats=ref_stats, seed_sets=seed_sets, out=out, networks=listed,
                        moments_only=moments_only)

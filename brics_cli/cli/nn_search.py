@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from brics_cli.cli.output import emit_json
+from brics_cli.cli.output import emit_json, renamed
 
 
 def nn_search_command(
@@ -15,7 +15,7 @@ def nn_search_command(
     ref: Optional[str] = typer.Option(None, "--ref", help="Training shard folder or image folder. Default: the data recorded for the samples."),
     split: str = typer.Option("train", "--split", help="Split of the reference shards."),
     k: int = typer.Option(5, "--k", help="Neighbours per sample."),
-    queries: int = typer.Option(64, "--queries", help="Search for the first N samples (fewer if the folder holds fewer)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Search for the first N samples (default 64; fewer if the folder holds fewer)."),
     metric: str = typer.Option("lpips", "--metric", help="lpips (the paper's, needs AlexNet weights) | l2 (no weights)."),
     candidates: int = typer.Option(64, "--candidates", help="Images re-ranked exactly per sample after the embedding stage."),
     exact: bool = typer.Option(False, "--exact", help="Brute force: the exact distance to every reference image."),
@@ -25,6 +25,7 @@ def nn_search_command(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Where to look for the newest samples when --samples is not given."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+    old_queries: Optional[int] = typer.Option(None, "--queries", hidden=True),
 ) -> None:
     """For each sample, its k nearest training images: a cheap lower-bound embedding picks --candidates images
     with blockwise matrix products, their exact distance (LPIPS-AlexNet or L2) re-ranks them; --exact is brute
@@ -32,6 +33,7 @@ def nn_search_command(
     Under torchrun the ranks share the search and give the neighbours of one process."""
     from brics_cli.eval.commands import run_nn_search
 
+    queries = renamed(limit, old_queries, "--limit", "--queries") or 64
     written = run_nn_search(samples, ref, split=split, k=k, queries=queries, metric=metric, candidates=candidates,
                             exact=exact, grid_rows=grid_rows, out=out, batch=batch, device=device, runs=runs)
     if written is None:  # under torchrun, not rank 0: rank 0 prints

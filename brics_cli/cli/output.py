@@ -35,3 +35,25 @@ def finish_plan(plan: dict, json_output: bool, width: int) -> None:
     emit_json(plan) if json_output else print_plan(plan, width)
     if plan.get("missing"):
         raise typer.Exit(2)
+
+
+def renamed(new: Any, old: Any, new_flag: str, old_flag: str) -> Any:
+    """The value of a renamed flag: the new spelling's, or the old (hidden) spelling's with a warning.
+    The old names go in the next release (CHANGELOG 2026-12-02); giving both is a usage error."""
+    if old is None:
+        return new
+    if new is not None:
+        from brics_cli.errors import ConfigError
+
+        raise ConfigError(f"{old_flag} is the old name of {new_flag}: give {new_flag} only")
+    print(f"warning: {old_flag} is deprecated and goes in the next release; use {new_flag}", file=sys.stderr)
+    return old
+
+
+def required(value: Any, flag: str) -> Any:
+    """A required flag that has a hidden old spelling (so typer cannot require it itself)."""
+    if value is None:
+        from brics_cli.errors import ConfigError
+
+        raise ConfigError(f"missing option {flag}")
+    return value

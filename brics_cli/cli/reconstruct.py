@@ -7,21 +7,24 @@ from typing import Optional
 
 import typer
 
-from brics_cli.cli.output import emit_json
+from brics_cli.cli.output import emit_json, renamed
+from brics_cli.errors import ConfigError
 
 
 def reconstruct(
     input: Path = typer.Option(..., "--input", help="Shard folder (its val split by default) or a folder of images."),
     out: Path = typer.Option(..., "--out", help="Output folder."),
-    run: Optional[Path] = typer.Option(None, "--run", help="An ae run folder (default: the newest under runs/)."),
-    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="A checkpoint file (instead of --run)."),
-    n: Optional[int] = typer.Option(None, "--n", help="At most this many images (default: all)."),
+    source: Optional[Path] = typer.Option(None, "--from", help="The autoencoder: a run root (run.dir), its ae/ folder or a checkpoint (default: the newest under runs/)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most this many images (default: all)."),
     batch: int = typer.Option(16, "--batch", help="Images per forward pass."),
     split: Optional[str] = typer.Option(None, "--split", help="Shard split: val or train (default: val if present)."),
     usage: bool = typer.Option(False, "--usage", help="Per-group grid usage and its histogram usage.png (Fig. 4b)."),
     no_ema: bool = typer.Option(False, "--no-ema", help="Use the raw weights instead of the EMA."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     json_output: bool = typer.Option(False, "--json", help="Print metrics.json as one JSON object on stdout."),
+    run: Optional[Path] = typer.Option(None, "--run", hidden=True),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", hidden=True),
+    old_n: Optional[int] = typer.Option(None, "--n", hidden=True),
 ) -> None:
     """Encode and decode images with a trained autoencoder; PSNR/SSIM/LPIPS as mean and std (Table 2).
 
@@ -31,7 +34,10 @@ def reconstruct(
     """
     from brics_cli.infer.reconstruct import reconstruct_run
 
-    done = reconstruct_run(input, out, run, ckpt, n=n, batch=batch, split=split, usage=usage, ema=not no_ema, device=device)
+    if run is not None and ckpt is not None:
+        raise ConfigError("give --run or --ckpt, not both (both are old names of --from)")
+    source = renamed(source, run or ckpt, "--from", "--run" if run is not None else "--ckpt")
+    done = reconstruct_run(input, out, source, None, n=renamed(limit, old_n, "--limit", "--n"), batch=batch, split=split, usage=usage, ema=not no_ema, device=device)
     if done is None:  # not rank 0
         return
     result, meta = done

@@ -1,4 +1,4 @@
-"""`brics sample --n N --out DIR`: images from a trained diffusion run, reproducible per index."""
+"""`brics sample --num-samples N --out DIR`: images from a trained diffusion run, reproducible per index."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from typing import Optional
 
 import typer
 
-from brics_cli.cli.output import emit_json
+from brics_cli.cli.output import emit_json, renamed, required
 
 
 def sample(
-    n: int = typer.Option(..., "--n", help="Number of images (indices 0 .. n-1)."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Number of images to make (indices 0 .. N-1). Required."),
     out: Path = typer.Option(..., "--out", help="Output folder: 000000.png ..., manifest.json, grid.png."),
-    run: Optional[Path] = typer.Option(None, "--run", help="A diffusion run folder or checkpoint (default: the newest under runs/)."),
+    source: Optional[Path] = typer.Option(None, "--from", help="The run to sample: its root (run.dir), its diffusion/ folder or a checkpoint (default: the newest under runs/)."),
     batch: int = typer.Option(16, "--batch", help="Codes sampled together (does not change any image); best a multiple of --chunk."),
     chunk: int = typer.Option(8, "--chunk", help="Rows per UNet call, fixed so images do not depend on --batch (part of the sampler settings)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="ddpm, ddim, dpm-solver++ or heun (default: the recipe's diffusion.sample.sampler)."),
@@ -25,6 +25,8 @@ def sample(
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     npz: Optional[Path] = typer.Option(None, "--npz", help="Also write the images as FILE.npz for the ADM / guided-diffusion evaluator (arr_0: uint8 N x H x W x 3)."),
     json_output: bool = typer.Option(False, "--json", help="Print the manifest as one JSON object on stdout."),
+    old_n: Optional[int] = typer.Option(None, "--n", hidden=True),
+    old_run: Optional[Path] = typer.Option(None, "--run", hidden=True),
 ) -> None:
     """Sample key codes with the diffusion model, decode them with the autoencoder, write PNGs.
 
@@ -32,7 +34,8 @@ def sample(
     """
     from brics_cli.infer.sample import sample_run
 
-    manifest = sample_run(run, n, out, batch=batch, chunk=chunk, sampler=sampler, steps=steps, eta=eta, seed=seed,
+    n = required(renamed(num_samples, old_n, "--num-samples", "--n"), "--num-samples")
+    manifest = sample_run(renamed(source, old_run, "--from", "--run"), n, out, batch=batch, chunk=chunk, sampler=sampler, steps=steps, eta=eta, seed=seed,
                           ema=not no_ema, device=device, npz=npz)
     if manifest is None:  # not rank 0
         return

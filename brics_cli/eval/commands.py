@@ -48,7 +48,7 @@ def run_eval(metric: str, samples: Path | None, ref: str | None, *, split: str, 
             if metric == "stats":
                 return _stats(rt, ref, split, n_ref, out, networks, moments_only, batch, workers)
             if metric == "recon":
-                result, folder = _recon(rt, samples, lpips_net, batch)
+                result, folder = _recon(rt, samples, lpips_net, batch, runs)
             else:
                 result, folder = _generative(rt, metric, samples, ref, split, n, n_ref, batch, workers, runs, ref_stats, seed_sets)
         if not rt.is_main:
@@ -65,11 +65,11 @@ def _check_flags(metric, samples, ref, n, n_ref, batch, ref_stats, seed_sets, ou
     if metric not in METRICS:
         raise ConfigError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
     if batch < 1 or (n is not None and n < 1) or (n_ref is not None and n_ref < 1):
-        raise ConfigError("--batch, --n and --n-ref must be >= 1")
+        raise ConfigError("--batch, --limit and --ref-limit must be >= 1")
     if ref is not None and ref_stats is not None:
         raise ConfigError("--ref and --ref-stats are alternatives: the reference images, or their statistics")
     if ref_stats is not None and n_ref is not None:
-        raise ConfigError("--n-ref applies to reference images; statistics from --ref-stats hold the images they were made of")
+        raise ConfigError("--ref-limit applies to reference images; statistics from --ref-stats hold the images they were made of")
     stats_only = [flag for flag, given in (("--out", out is not None), ("--networks", networks is not None),
                                            ("--moments-only", moments_only)) if given]
     if metric != "stats" and stats_only:
@@ -77,7 +77,7 @@ def _check_flags(metric, samples, ref, n, n_ref, batch, ref_stats, seed_sets, ou
     if metric in ("stats", "recon") and seed_sets is not None:
         raise ConfigError(f"--seed-sets splits generated images: not for `brics eval {metric}`")
     if metric == "stats" and (samples is not None or ref_stats is not None or n is not None):
-        raise ConfigError("`brics eval stats` reads only the reference: --ref SHARDS_OR_FOLDER --out FILE.npz (no --samples, --n, --ref-stats)")
+        raise ConfigError("`brics eval stats` reads only the reference: --ref SHARDS_OR_FOLDER --out FILE.npz (no --samples, --limit, --ref-stats)")
     if metric == "stats" and (ref is None or out is None):
         raise ConfigError("`brics eval stats` needs --ref SHARDS_OR_FOLDER and --out FILE.npz")
     if metric == "stats" and out.suffix != ".npz":
@@ -87,10 +87,10 @@ def _check_flags(metric, samples, ref, n, n_ref, batch, ref_stats, seed_sets, ou
 def _pick_samples(rt: Runtime, samples: Path | None, runs: Path, n: int | None, strict: bool = True):
     """The samples folder and its `ImageSet`, found by rank 0 and sent to the others (one set for all)."""
     def pick():
-        folder = samples if samples is not None else newest_samples(runs)
+        folder, why = (samples, "") if samples is not None else newest_samples(runs)
         sample_set = load_samples(folder, n, strict)
         if samples is None:
-            say(f"samples: {folder} (newest `brics sample` output under {runs}/)")
+            say(f"samples: {folder} (the newest `brics sample` output, {why}; --samples DIR to choose)")
         return folder, sample_set
 
     return from_main(rt, pick)
@@ -187,14 +187,14 @@ def _stats(rt, ref, split, n_ref, out, networks, moments_only, batch, workers):
     return summary, out
 
 
-def _recon(rt, samples, lpips_net, batch):
+def _recon(rt, samples, lpips_net, batch, runs):
     from brics_cli.eval.recon_metrics import evaluate_folder
 
     if lpips_net not in ("alex", "vgg", "none"):
         raise ConfigError(f"--lpips-net must be alex, vgg or none, got '{lpips_net}'")
-    folder = samples if samples is not None else newest_reconstruction()
+    folder, why = (samples, "") if samples is not None else newest_reconstruction(runs)
     if samples is None:
-        say(f"reconstructions: {folder} (newest folder with inputs/ and recon/)", rt)
+        say(f"reconstructions: {folder} (the newest `brics reconstruct` output, {why}; --samples DIR to choose)", rt)
     try:
         weights.require_all([] if lpips_net == "none" else weights.LPIPS_WEIGHTS[lpips_net])  # before any work
     except weights.WeightsMissing as exc:  # reconstruct goes on without LPIPS; here the user chooses
@@ -219,7 +219,7 @@ def run_nn_search(samples: Path | None, ref: str | None, *, split: str, k: int, 
             if metric not in ("lpips", "l2"):
                 raise ConfigError(f"--metric must be lpips or l2, got '{metric}'")
             if k < 1 or candidates < 1 or batch < 1 or queries < 1:
-                raise ConfigError("--k, --candidates, --batch and --queries must be >= 1")
+                raise ConfigError("--k, --candidates, --batch and --limit must be >= 1")
             needed = list(weights.LPIPS_WEIGHTS["alex"]) if metric == "lpips" else []
             folder, sample_set = _samples_and_weights(rt, "nn-search", samples, runs, queries, needed, strict=False)
             weights.require_all(needed)  # present: now also the published sha256, before any work

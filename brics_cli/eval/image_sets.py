@@ -103,7 +103,7 @@ def load_samples(folder: Path, n: int | None = None, strict: bool = True) -> Ima
         files = list_images(folder)
     if n is not None:
         if strict and n > len(files):
-            raise ConfigError(f"--n {n}: {folder} holds only {len(files)} images")
+            raise ConfigError(f"--limit {n}: {folder} holds only {len(files)} images")
         files = files[:n]
     if not files:
         raise ConfigError(f"no images in {folder}")

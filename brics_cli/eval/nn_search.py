@@ -371,7 +371,7 @@ def readable_queries(samples) -> tuple[ImageBank, list[int], dict]:
     from brics_cli.eval.image_sets import unreadable_report
 
     bank = ImageBank(samples.files)
-    for start in range(0, len(bank), QUERY_CHUNK):  # in chunks: memory stays bounded whatever --queries is
+    for start in range(0, len(bank), QUERY_CHUNK):  # in chunks: memory stays bounded whatever --limit is
         bank.get(range(start, min(start + QUERY_CHUNK, len(bank))))
     record = unreadable_report("samples", len(bank), named_unreadable(bank), samples.repair_hint())
     return bank, [i for i in range(len(bank)) if i not in bank.unreadable], record

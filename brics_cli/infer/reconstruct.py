@@ -36,7 +36,7 @@ from brics_cli.eval.recon_metrics import ReconstructionMeter
 from brics_cli.models.autoencoder import BRICSAutoencoder
 from brics_cli.models.keycode import key_queries, tile_key_codes
 from brics_cli.nets.perceptual import try_load_lpips
-from brics_cli.runs import checkpoint_to_read
+from brics_cli.runs import checkpoint_to_read, record_output
 
 
 def folder_images(folder: Path, resolution: int, skipped: dict[str, int], unreadable: dict[str, str]) -> Iterator[tuple[torch.Tensor, str]]:
@@ -222,6 +222,7 @@ def reconstruct(
         "lpips_net": lpips_net if lpips_model is not None else None,
         "brics_version": __version__,
     })
+    record_output(checkpoint, "reconstructions", out)  # `brics eval recon` without --samples finds it
     return result
 
 
@@ -248,7 +249,7 @@ def reconstruct_run(input: Path, out: Path, run: Path | None, checkpoint: Path |
         raise ConfigError("give --run or --ckpt, not both")
     resolve_device(device)  # a usage error before anything is looked up
     if checkpoint is None:
-        checkpoint = checkpoint_to_read(run, "ae", "pass --run DIR or --ckpt FILE")
+        checkpoint = checkpoint_to_read(run, "ae", "pass --from RUN_OR_CHECKPOINT")
     rt = setup_runtime(device)
     try:
         model = BRICSAutoencoder.from_checkpoint(checkpoint, ema=ema, device=rt.device)

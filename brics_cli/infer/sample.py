@@ -39,7 +39,7 @@ from brics_cli.diffusion.samplers import sample_generators
 from brics_cli.errors import BricsError, ConfigError
 from brics_cli.models.autoencoder import BRICSAutoencoder
 from brics_cli.registry import SAMPLERS
-from brics_cli.runs import checkpoint_to_read, run_of_checkpoint
+from brics_cli.runs import checkpoint_to_read, record_output, run_of_checkpoint
 
 
 def file_name(index: int) -> str:
@@ -141,9 +141,9 @@ def sample_run(run: Path | None, n: int, out: Path, *, batch: int, chunk: int, s
     """Write images 0 .. n-1 of a diffusion run (the newest under runs/ by default) into `out`,
     then manifest.json and grid.png (and the `npz` batch); returns the manifest on rank 0 (None on the others)."""
     if n < 1 or batch < 1 or chunk < 1:
-        raise ConfigError("--n, --batch and --chunk must be >= 1")
+        raise ConfigError("--num-samples, --batch and --chunk must be >= 1")
     resolve_device(device)  # a usage error before anything is looked up
-    path = checkpoint_to_read(run, "diffusion", "pass --run DIR")
+    path = checkpoint_to_read(run, "diffusion", "pass --from RUN_OR_CHECKPOINT")
     rt = setup_runtime(device)
     try:
         model = DiffusionModel.from_checkpoint(path, ema=ema, device=rt.device)
@@ -169,7 +169,9 @@ def sample_run(run: Path | None, n: int, out: Path, *, batch: int, chunk: int, s
                 return None
             if stop.requested:
                 return {"stopped_by": stop.signal_name, "written": written, "out": str(out)}
-            return write_sample_manifest(out, n, path, model.meta, settings, seed, ema, npz)
+            manifest = write_sample_manifest(out, n, path, model.meta, settings, seed, ema, npz)
+            record_output(path, "samples", out)  # `brics eval` without --samples finds it, wherever --out is
+            return manifest
     finally:
         rt.shutdown()
 

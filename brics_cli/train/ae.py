@@ -145,7 +145,7 @@ class AETrainer:
         self.batch_in_epoch = 0
         self.checkpoints = ckpt.CheckpointDir(self.run_dir / "checkpoints", self.cfg.keep)
         self.guard = DivergenceGuard(self.cfg.max_bad_steps, self.cfg.max_rollbacks,
-                                     fix="lower ae.optim.lr (or ae.optim.d_lr) in a new run (--run-dir), or check the data")
+                                     fix="lower ae.optim.lr (or ae.optim.d_lr) in a new run (--out), or check the data")
         self.guard.weights_problem(self.checked_modules(), rt, fresh=True)  # the growth test starts from the initial weights
         self.last_checkpoint: Path | None = None  # the newest checkpoint: every one passed the weight check
         self.skipped_samples = 0
@@ -198,7 +198,7 @@ class AETrainer:
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint; raises `UnusableCheckpoint` for a file that cannot be resumed from."""
         meta = read_resumable(path, "ae", ("step", "config", "optim", "rng", "data", "ema_updates"), self.recipe,
-                              "start a new run (run.dir=... or --run-dir)")
+                              "start a new run (run.dir=... or --out)")
         if meta.get("world_size", 1) != self.rt.world_size:
             self.log(f"note: resuming a {meta.get('world_size')}-rank run on {self.rt.world_size} ranks: the ranks it had "
                      "restore their random streams, new ones start fresh; data order and noise differ from an uninterrupted run")

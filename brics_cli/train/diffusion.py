@@ -202,7 +202,7 @@ def read_code_cache(folder: Path) -> tuple[Tensor, dict]:
 def find_ae_checkpoint(recipe, ae_run: Path | None) -> Path:
     run = Path(ae_run) if ae_run is not None else Path(recipe.run.dir) / "ae"
     if not run.exists():
-        raise BricsError(f"no autoencoder run at {run}: train one with `brics ae-train` first, or pass --ae-run DIR")
+        raise BricsError(f"no autoencoder run at {run}: train one with `brics ae-train` first, or pass --ae RUN_OR_CHECKPOINT")
     return find_checkpoint(run, "ae")
 
 
@@ -291,7 +291,7 @@ class DiffusionTrainer:
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint; raises `UnusableCheckpoint` for a file that cannot be resumed from."""
         meta = read_resumable(path, "diffusion", ("step", "config", "optim", "lr_scheduler", "rng", "ema_updates"), self.recipe,
-                              "start a new run (--run-dir)")
+                              "start a new run (--out)")
         load_checked(path, meta, self._load_state, self.guard, self.checked_modules(), self.rt)
         self.last_checkpoint = path
 

@@ -63,7 +63,7 @@ def unwritable(folder: Path) -> list[Missing]:
         probe = probe.parent
     if probe.is_dir() and os.access(probe, os.W_OK | os.X_OK):
         return []
-    return [Missing(f"run folder {folder}: {probe} is not a writable folder", "choose another --run-dir / run.dir")]
+    return [Missing(f"run folder {folder}: {probe} is not a writable folder", "choose another --out / run.dir")]
 
 
 def ae_train_missing(cfg, folder: Path) -> list[Missing]:
@@ -81,7 +81,7 @@ def diffusion_train_missing(cfg, recipe, ae_run: Path | None, folder: Path) -> t
     except BricsError as exc:
         ae_ckpt = None
         missing.append(Missing(f"autoencoder checkpoint: {str(exc).split(': ', 1)[0]}",
-                               f"train one with `brics ae-train {recipe}` first, or pass --ae-run RUN_OR_CHECKPOINT"))
+                               f"train one with `brics ae-train {recipe}` first, or pass --ae RUN_OR_CHECKPOINT"))
     shards = missing_shards(cfg.data)
     if shards and ae_ckpt is not None:
         try:
