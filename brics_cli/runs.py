@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from brics_cli.core.checkpoint import CheckpointDir
-from brics_cli.errors import BricsError, ConfigError
+from brics_cli.errors import ConfigError
 
 STAGE_COMMANDS = {"ae": "brics ae-train", "diffusion": "brics diffusion-train"}
 SAMPLE_KEYS = ("run", "checkpoint_sha256", "sampler", "steps", "seed", "count", "files")  # of a `brics sample` manifest
@@ -33,7 +33,7 @@ def find_checkpoint(path: Path, stage: str) -> Path:
         latest = CheckpointDir(folder).latest()
         if latest is not None:
             return latest
-    raise BricsError(
+    raise ConfigError(  # a missing prerequisite: exit 2
         f"{path}: no {stage} checkpoint found (expected {path}/checkpoints/step-NNNNNN.safetensors "
         f"or {path}/{stage}/checkpoints/...); run `{STAGE_COMMANDS[stage]}` first"
     )
@@ -51,7 +51,7 @@ def checkpoint_to_read(run: Path | None, stage: str, how_to_pass: str) -> Path:
     if run is None:
         run = newest_run(stage)
         if run is None:
-            raise BricsError(f"no {stage} run found under runs/; {how_to_pass} (train one with `{STAGE_COMMANDS[stage]}`)")
+            raise ConfigError(f"no {stage} run found under runs/; {how_to_pass} (train one with `{STAGE_COMMANDS[stage]}`)")
         print(f"using the newest {stage} run: {run}", file=sys.stderr)
     return find_checkpoint(run, stage)
 
@@ -122,27 +122,31 @@ def _sample_manifest(folder: Path) -> Path | None:
 def newest_samples(root: Path = Path("runs")) -> tuple[Path, str]:
     """The newest `brics sample` output -- recorded by a run under `root`, or found below `root` --
     and where it was found (for the line that says what was picked)."""
-    found = {m.parent: f"found under {root}/" for m in _find(root, "manifest.json") if _sample_manifest(m.parent)}
-    for folder, index in _recorded(root, "samples"):
-        if _sample_manifest(folder) is not None:
-            found[folder] = f"recorded in {index}"
+    found = [(m.parent, f"found under {root}/") for m in _find(root, "manifest.json") if _sample_manifest(m.parent)]
+    found += [(folder, f"recorded in {index}") for folder, index in _recorded(root, "samples") if _sample_manifest(folder)]
     if not found:
         raise ConfigError(f"no samples found (none recorded by the runs under {root}/, none below it): make them with "
                           f"`brics sample --from RUN --num-samples N --out DIR`, or pass --samples DIR")
-    newest = max(found, key=lambda f: (f / "manifest.json").stat().st_mtime_ns)
-    return newest, found[newest]
+    return _newest(found, "manifest.json")
 
 
 def newest_reconstruction(root: Path = Path("runs")) -> tuple[Path, str]:
     """The newest `brics reconstruct` output (a folder with inputs/ and recon/) -- recorded by a run
     under `root`, found below it, or below ./recon -- and where it was found."""
-    found = {p.parent: f"found under {base}/" for base in (Path("recon"), Path(root)) for p in _find(base, "inputs")
-             if (p.parent / "recon").is_dir()}
-    for folder, index in _recorded(root, "reconstructions"):
-        if (folder / "recon").is_dir():
-            found[folder] = f"recorded in {index}"
+    found = [(p.parent, f"found under {base}/") for base in (Path("recon"), Path(root)) for p in _find(base, "inputs")
+             if (p.parent / "recon").is_dir()]
+    found += [(folder, f"recorded in {index}") for folder, index in _recorded(root, "reconstructions")
+              if (folder / "recon").is_dir()]
     if not found:
         raise ConfigError(f"no reconstructions found (none recorded by the runs under {root}/, none below it or ./recon): "
                           "make them with `brics reconstruct --from RUN --input SHARDS --out DIR`, or pass --samples DIR")
-    newest = max(found, key=lambda f: (f / "recon").stat().st_mtime_ns)
-    return newest, found[newest]
+    return _newest(found, "recon")
+
+
+def _newest(found: list[tuple[Path, str]], marker: str) -> tuple[Path, str]:
+    """The (folder, where it was found) whose `marker` changed last; a folder both found and recorded counts
+    once, as found (its path as the user would type it)."""
+    unique: dict[Path, tuple[Path, str]] = {}
+    for folder, why in found:
+        unique.setdefault(folder.resolve(), (folder, why))
+    return max(unique.values(), key=lambda item: (item[0] / marker).stat().st_mtime_ns)

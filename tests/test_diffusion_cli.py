@@ -37,6 +37,15 @@ def test_codes_are_encoded_once_and_reused(runs, tiny_shards, tmp_path):
     assert json.loads(again.stdout.splitlines()[-1])["codes"]["key"] == key_dir.name
 
 
+def test_ae_takes_the_run_root_the_stage_folder_or_the_checkpoint(runs, tiny_shards, tmp_path):
+    newest = max((runs / "ae" / "checkpoints").glob("*.safetensors"))
+    for source in (runs, runs / "ae", newest):
+        plan = brics("diffusion-train", TINY_RECIPE, f"data.shards={tiny_shards}", f"run.dir={tmp_path}", "--ae", source,
+                     "--dry-run", "--json")
+        found = json.loads(plan.stdout.splitlines()[-1])
+        assert found["ae_checkpoint"] == str(newest) and found["missing"] == [], source
+
+
 def test_rerun_with_more_steps_continues_exactly(runs, tiny_shards, tmp_path):
     common = ["diffusion-train", TINY_RECIPE, f"data.shards={tiny_shards}", f"run.dir={runs}", "diffusion.train.checkpoint_every=100"]
     brics(*common, "diffusion.train.steps=6", "--out", tmp_path / "straight")
@@ -85,14 +94,14 @@ def test_sample_is_reproducible_per_index_across_batch_sizes_and_interruptions(r
 def test_sample_without_a_run_says_so(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = subprocess.run([sys.executable, "-m", "brics_cli", "sample", "--num-samples", "4", "--out", "s"], capture_output=True, text=True)
-    assert out.returncode == 1 and "no diffusion run found" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "no diffusion run found" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_sample_under_torchrun_splits_indices_and_matches_one_process(runs, tmp_path):
     args = ["sample", "--from", str(runs / "diffusion"), "--num-samples", "5", "--sampler", "ddim", "--steps", "10", "--batch", "2"]
     brics(*args, "--out", tmp_path / "one")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "brics_cli", "--", *args, "--out", str(tmp_path / "two"), "--json"]  # `--`: see README
+                "-m", "brics_cli", *args, "--out", str(tmp_path / "two"), "--json"]  # no `--` needed: see README
     multi = subprocess.run(torchrun, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert multi.returncode == 0, multi.stderr[-3000:]
     assert len([line for line in multi.stdout.splitlines() if line.startswith("{")]) == 1  # rank 0 alone prints

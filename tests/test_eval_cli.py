@@ -159,6 +159,29 @@ def test_eval_defaults_pick_the_newest_samples_and_their_training_data(monkeypat
     assert code == 2 and "pass --ref" in err
 
 
+def test_eval_takes_the_samples_a_run_recorded_outside_runs(monkeypatch, capsys, tmp_path, world):
+    """`brics sample --out elsewhere/ddim` notes the folder in its run's outputs.json (tests/test_samplers_fast.py
+    checks that on a real run): `brics eval` then takes it over an older runs/demo/samples and says why."""
+    from brics_cli.runs import record_output
+
+    monkeypatch.chdir(tmp_path)
+    images = noisy_copies(world["reference"].path, 3, seed=1)
+    run = tmp_path / "runs" / "demo" / "diffusion"
+    old = make_samples(tmp_path / "runs" / "demo" / "samples", images, run=str(run), data=str(world["shards"]))
+    os.utime(old / "manifest.json", (1, 1))
+    elsewhere = make_samples(tmp_path / "elsewhere" / "ddim", images, run=str(run), data=str(world["shards"]))
+    record_output(run / "checkpoints" / "step-000001.safetensors", "samples", elsewhere)
+    result, err = cli_json(monkeypatch, capsys, "eval", "fid", "--batch", "8")
+    assert (f"samples: {elsewhere} (the newest `brics sample` output, recorded in runs/demo/diffusion/outputs.json; "
+            "--samples DIR to choose)") in err
+    assert (elsewhere / "eval-fid.json").is_file() and not (old / "eval-fid.json").exists()
+    # Once the older folder is written again it is the newer one: the scan under runs/ finds it.
+    os.utime(elsewhere / "manifest.json", (2, 2))
+    os.utime(old / "manifest.json")
+    _, err = cli_json(monkeypatch, capsys, "eval", "fid", "--batch", "8")
+    assert "samples: runs/demo/samples (the newest `brics sample` output, found under runs/" in err
+
+
 def test_eval_recon_reports_table2_numbers(monkeypatch, capsys, tmp_path, world):
     from brics_cli.nets.perceptual import load_lpips
     from brics_cli.core.images import load_image

@@ -56,6 +56,20 @@ def test_metrics_match_the_written_images_and_reruns_are_identical(tmp_path, tra
     assert manifest["split"] == "val" and len(manifest["keys"]) == 10 and len(manifest["checkpoint_sha256"]) == 64
 
 
+def test_from_takes_the_run_root_the_stage_folder_or_the_checkpoint(tmp_path, trained, tiny_shards, monkeypatch, capsys):
+    """`--from runs/demo` (the recipe's run.dir), `runs/demo/ae` and a checkpoint file read the same model."""
+    newest = max((trained / "checkpoints").glob("*.safetensors"))
+    for name, source in (("root", trained.parent), ("stage", trained), ("file", newest)):
+        code, _, err = run_cli(monkeypatch, capsys, "reconstruct", "--from", source, "--input", tiny_shards,
+                               "--out", tmp_path / name, "--limit", 2, "--json")
+        assert code == 0, err
+        assert json.loads((tmp_path / name / "manifest.json").read_text())["checkpoint"] == str(newest)
+    for i in range(2):
+        assert len({(tmp_path / name / "recon" / f"{i:06d}.png").read_bytes() for name in ("root", "stage", "file")}) == 1
+    recorded = [e["folder"] for e in json.loads((trained / "outputs.json").read_text())["outputs"]]
+    assert recorded[-3:] == [str((tmp_path / name).resolve()) for name in ("root", "stage", "file")]
+
+
 def test_a_folder_of_images_with_a_corrupt_file(tmp_path, trained, monkeypatch, capsys):
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -96,9 +110,9 @@ def test_torchrun_two_cpu_ranks_split_the_images_and_agree_with_one_process(tmp_
     single = subprocess.run([sys.executable, "-m", "brics_cli", *args, "--out", str(tmp_path / "one")],
                             capture_output=True, text=True, timeout=300, env=one_thread)
     assert single.returncode == 0, single.stderr
-    # `--` keeps torchrun's parser off brics' options (it reads `--n` and `--run` as abbreviations of its own).
+    # As the README types it, without `--`: no brics flag is an abbreviation of a torchrun one (test_flags.py).
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "brics_cli", "--", *args, "--out", str(tmp_path / "two")]
+                "-m", "brics_cli", *args, "--out", str(tmp_path / "two")]
     multi = subprocess.run(torchrun, capture_output=True, text=True, timeout=300, env=one_thread)
     assert multi.returncode == 0, multi.stderr[-3000:]
     lines = [line for line in multi.stdout.splitlines() if line.startswith("{")]

@@ -297,6 +297,16 @@ def test_sample_with_heun_and_the_eta_rule(diffusion_run, tmp_path):
     assert math.isfinite(np.asarray(Image.open(tmp_path / "h" / "000001.png")).mean())
 
 
+def test_sample_from_the_run_root_the_stage_folder_or_the_checkpoint(diffusion_run, tmp_path):
+    """`--from runs/demo` (the recipe's run.dir), `runs/demo/diffusion` and a checkpoint file: one model, one set of images."""
+    newest = max((diffusion_run / "checkpoints").glob("*.safetensors"))
+    for name, source in (("root", diffusion_run.parent), ("stage", diffusion_run), ("file", newest)):
+        brics("sample", "--from", source, "--num-samples", 2, "--steps", 2, "--sampler", "ddim", "--out", tmp_path / name)
+        assert json.loads((tmp_path / name / "manifest.json").read_text())["checkpoint"] == str(newest)
+    for i in range(2):
+        assert len({(tmp_path / name / f"{i:06d}.png").read_bytes() for name in ("root", "stage", "file")}) == 1
+
+
 def test_sample_output_is_recorded_by_its_run_and_found_by_eval_wherever_it_was_written(diffusion_run, tmp_path):
     root = diffusion_run.parent  # the run root (the recipe's run.dir), standing in for runs/
     common = ["sample", "--from", root, "--num-samples", 2, "--steps", 2, "--sampler", "ddim"]  # the run root is accepted

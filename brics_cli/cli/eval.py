@@ -15,7 +15,7 @@ def eval_command(
         ..., help="fid | clip-fid | fd-dinov2 | is | kid | prc | all (every generative metric) | recon | stats (reference statistics)."
     ),
     samples: Optional[Path] = typer.Option(
-        None, "--samples", help="`brics sample` output (recon: `brics reconstruct` output). Default: the newest under --runs."
+        None, "--samples", help="`brics sample` output (recon: `brics reconstruct` output). Default: the newest that a run under --runs recorded (wherever --out put it) or that lies below it."
     ),
     ref: Optional[str] = typer.Option(
         None, "--ref", help="Reference shard folder or image folder. Default: the training data recorded for the samples."
@@ -26,7 +26,7 @@ def eval_command(
     batch: int = typer.Option(64, "--batch", help="Images per forward pass."),
     workers: int = typer.Option(0, "--workers", help="DataLoader workers decoding images."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    runs: Path = typer.Option(Path("runs"), "--runs", help="Where to look for the newest samples when --samples is not given."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="The runs whose recorded outputs (and the folders below) are searched when --samples is not given."),
     lpips_net: str = typer.Option("alex", "--lpips-net", help="recon: LPIPS backbone alex (the paper's evaluation) | vgg | none."),
     ref_stats: Optional[Path] = typer.Option(
         None, "--ref-stats", help="Compare with reference statistics written by `brics eval stats` instead of --ref images."

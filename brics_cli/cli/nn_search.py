@@ -11,7 +11,7 @@ from brics_cli.cli.output import emit_json, renamed
 
 
 def nn_search_command(
-    samples: Optional[Path] = typer.Option(None, "--samples", help="`brics sample` output. Default: the newest under --runs."),
+    samples: Optional[Path] = typer.Option(None, "--samples", help="`brics sample` output. Default: the newest that a run under --runs recorded (wherever --out put it) or that lies below it."),
     ref: Optional[str] = typer.Option(None, "--ref", help="Training shard folder or image folder. Default: the data recorded for the samples."),
     split: str = typer.Option("train", "--split", help="Split of the reference shards."),
     k: int = typer.Option(5, "--k", help="Neighbours per sample."),
@@ -23,7 +23,7 @@ def nn_search_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder for nn.json and nn-grid.png (default: the samples folder)."),
     batch: int = typer.Option(64, "--batch", help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    runs: Path = typer.Option(Path("runs"), "--runs", help="Where to look for the newest samples when --samples is not given."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="The runs whose recorded outputs (and the folders below) are searched when --samples is not given."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
     old_queries: Optional[int] = typer.Option(None, "--queries", hidden=True),
 ) -> None:
@@ -33,7 +33,8 @@ def nn_search_command(
     Under torchrun the ranks share the search and give the neighbours of one process."""
     from brics_cli.eval.commands import run_nn_search
 
-    queries = renamed(limit, old_queries, "--limit", "--queries") or 64
+    queries = renamed(limit, old_queries, "--limit", "--queries")
+    queries = 64 if queries is None else queries  # `--limit 0` stays a usage error
     written = run_nn_search(samples, ref, split=split, k=k, queries=queries, metric=metric, candidates=candidates,
                             exact=exact, grid_rows=grid_rows, out=out, batch=batch, device=device, runs=runs)
     if written is None:  # under torchrun, not rank 0: rank 0 prints

@@ -22,8 +22,8 @@ def reconstruct(
     no_ema: bool = typer.Option(False, "--no-ema", help="Use the raw weights instead of the EMA."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     json_output: bool = typer.Option(False, "--json", help="Print metrics.json as one JSON object on stdout."),
-    run: Optional[Path] = typer.Option(None, "--run", hidden=True),
-    ckpt: Optional[Path] = typer.Option(None, "--ckpt", hidden=True),
+    old_run: Optional[Path] = typer.Option(None, "--run", hidden=True),
+    old_ckpt: Optional[Path] = typer.Option(None, "--ckpt", hidden=True),
     old_n: Optional[int] = typer.Option(None, "--n", hidden=True),
 ) -> None:
     """Encode and decode images with a trained autoencoder; PSNR/SSIM/LPIPS as mean and std (Table 2).
@@ -34,10 +34,11 @@ def reconstruct(
     """
     from brics_cli.infer.reconstruct import reconstruct_run
 
-    if run is not None and ckpt is not None:
+    if old_run is not None and old_ckpt is not None:
         raise ConfigError("give --run or --ckpt, not both (both are old names of --from)")
-    source = renamed(source, run or ckpt, "--from", "--run" if run is not None else "--ckpt")
-    done = reconstruct_run(input, out, source, None, n=renamed(limit, old_n, "--limit", "--n"), batch=batch, split=split, usage=usage, ema=not no_ema, device=device)
+    source = renamed(source, old_run or old_ckpt, "--from", "--run" if old_run is not None else "--ckpt")
+    done = reconstruct_run(input, out, source, n=renamed(limit, old_n, "--limit", "--n"), batch=batch, split=split,
+                           usage=usage, ema=not no_ema, device=device)
     if done is None:  # not rank 0
         return
     result, meta = done

@@ -35,8 +35,8 @@ def sample(
     from brics_cli.infer.sample import sample_run
 
     n = required(renamed(num_samples, old_n, "--num-samples", "--n"), "--num-samples")
-    manifest = sample_run(renamed(source, old_run, "--from", "--run"), n, out, batch=batch, chunk=chunk, sampler=sampler, steps=steps, eta=eta, seed=seed,
-                          ema=not no_ema, device=device, npz=npz)
+    manifest = sample_run(renamed(source, old_run, "--from", "--run"), n, out, batch=batch, chunk=chunk, sampler=sampler,
+                          steps=steps, eta=eta, seed=seed, ema=not no_ema, device=device, npz=npz)
     if manifest is None:  # not rank 0
         return
     if "stopped_by" in manifest:

@@ -17,6 +17,7 @@ from brics_cli.errors import BricsError, ConfigError, Missing, PrerequisitesMiss
 from brics_cli.eval.image_sets import load_reference, load_samples, recorded_reference
 from brics_cli.eval.ranks import failing_together, from_main, gather
 from brics_cli.nets import weights
+from brics_cli.registry import closest
 from brics_cli.runs import newest_reconstruction, newest_samples
 
 METRICS = ("fid", "clip-fid", "fd-dinov2", "is", "kid", "prc", "all", "recon", "stats")
@@ -63,7 +64,9 @@ def run_eval(metric: str, samples: Path | None, ref: str | None, *, split: str, 
 def _check_flags(metric, samples, ref, n, n_ref, batch, ref_stats, seed_sets, out, networks, moments_only) -> None:
     """Usage errors (exit 2) before anything is read."""
     if metric not in METRICS:
-        raise ConfigError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
+        hint = closest(metric, list(METRICS))
+        raise ConfigError(f"unknown metric '{metric}'" + (f"; did you mean '{hint}'?" if hint else "")
+                          + f" (choose one of {', '.join(METRICS)})")
     if batch < 1 or (n is not None and n < 1) or (n_ref is not None and n_ref < 1):
         raise ConfigError("--batch, --limit and --ref-limit must be >= 1")
     if ref is not None and ref_stats is not None:

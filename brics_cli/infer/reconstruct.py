@@ -30,7 +30,7 @@ from brics_cli.core.images import ImageSkip, array_to_tensor, center_crop_box, c
 from brics_cli.core.progress import Progress
 from brics_cli.core.runtime import Runtime, resolve_device, setup_runtime
 from brics_cli.data.config import DataConfig
-from brics_cli.errors import BricsError, ConfigError
+from brics_cli.errors import BricsError
 from brics_cli.eval.image_sets import LISTED_UNREADABLE
 from brics_cli.eval.recon_metrics import ReconstructionMeter
 from brics_cli.models.autoencoder import BRICSAutoencoder
@@ -241,15 +241,13 @@ def _gather_over_ranks(meter, mine: list[int], shown: list, counts: torch.Tensor
     return (torch.stack(summed).sum(0) if summed else None), [len(part[0]) for part in parts]
 
 
-def reconstruct_run(input: Path, out: Path, run: Path | None, checkpoint: Path | None, *, n: int | None, batch: int,
+def reconstruct_run(input: Path, out: Path, source: Path | None, *, n: int | None, batch: int,
                     split: str | None, usage: bool, ema: bool, device: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """`brics reconstruct`: find the checkpoint (the newest ae run under runs/ by default), load it,
-    reconstruct; returns (metrics, checkpoint metadata) on rank 0, None on the others."""
-    if run is not None and checkpoint is not None:
-        raise ConfigError("give --run or --ckpt, not both")
+    """`brics reconstruct`: find the checkpoint in `source` (a run root, its ae/ folder or a checkpoint file;
+    the newest ae run under runs/ by default), load it, reconstruct; returns (metrics, checkpoint metadata)
+    on rank 0, None on the others."""
     resolve_device(device)  # a usage error before anything is looked up
-    if checkpoint is None:
-        checkpoint = checkpoint_to_read(run, "ae", "pass --from RUN_OR_CHECKPOINT")
+    checkpoint = checkpoint_to_read(source, "ae", "pass --from RUN_OR_CHECKPOINT")
     rt = setup_runtime(device)
     try:
         model = BRICSAutoencoder.from_checkpoint(checkpoint, ema=ema, device=rt.device)

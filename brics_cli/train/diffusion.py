@@ -47,7 +47,7 @@ from brics_cli.diffusion.config import DiffusionStageConfig, build_optimizer, lr
 from brics_cli.diffusion.loss import codes_to_x0, diffusion_loss, x0_to_codes
 from brics_cli.diffusion.samplers import sample_generators
 from brics_cli.diffusion.schedules import build_schedule
-from brics_cli.errors import BricsError
+from brics_cli.errors import BricsError, ConfigError
 from brics_cli.models.autoencoder import BRICSAutoencoder
 from brics_cli.models.unet import UNet
 from brics_cli.registry import SAMPLERS
@@ -202,7 +202,7 @@ def read_code_cache(folder: Path) -> tuple[Tensor, dict]:
 def find_ae_checkpoint(recipe, ae_run: Path | None) -> Path:
     run = Path(ae_run) if ae_run is not None else Path(recipe.run.dir) / "ae"
     if not run.exists():
-        raise BricsError(f"no autoencoder run at {run}: train one with `brics ae-train` first, or pass --ae RUN_OR_CHECKPOINT")
+        raise ConfigError(f"no autoencoder run at {run}: train one with `brics ae-train` first, or pass --ae RUN_OR_CHECKPOINT")
     return find_checkpoint(run, "ae")
 
 
