@@ -19,10 +19,10 @@ def brics(*args, check: bool = True) -> subprocess.CompletedProcess:
     return out
 
 
-def run_in_process(argv: list[str], capsys) -> tuple[int, str]:
-    """`brics ARGV` through `main()` in this process: (exit code, stderr)."""
+def run_in_process_full(argv, capsys) -> tuple[int, str, str]:
+    """`brics ARGV` through `main()` in this process: (exit code, stdout, stderr); ARGV items may be paths."""
     old = sys.argv
-    sys.argv = ["brics", *argv]
+    sys.argv = ["brics", *map(str, argv)]
     try:
         with pytest.raises(SystemExit) as exit_info:
             from brics_cli.cli import main
@@ -30,7 +30,14 @@ def run_in_process(argv: list[str], capsys) -> tuple[int, str]:
             main()
     finally:
         sys.argv = old
-    return exit_info.value.code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
+
+
+def run_in_process(argv: list[str], capsys) -> tuple[int, str]:
+    """`brics ARGV` through `main()` in this process: (exit code, stderr)."""
+    code, _, err = run_in_process_full(argv, capsys)
+    return code, err
 
 
 @pytest.fixture(scope="session")

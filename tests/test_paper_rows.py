@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,17 +17,12 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def brics_json(argv: list[str], capsys, code: int = 0) -> dict:
     """`brics ARGV --json` in this process: its JSON on stdout (exit `code` required)."""
-    from brics_cli.cli import main
+    from conftest import run_in_process_full
 
     capsys.readouterr()
-    old, sys.argv = sys.argv, ["brics", *argv, "--json"]
-    try:
-        main()
-    except SystemExit as exc:
-        assert (exc.code or 0) == code, capsys.readouterr().err
-    finally:
-        sys.argv = old
-    return json.loads(capsys.readouterr().out.splitlines()[-1])
+    got, out, err = run_in_process_full([*argv, "--json"], capsys)
+    assert got == code, err
+    return json.loads(out.splitlines()[-1])
 
 
 @pytest.mark.parametrize("name", list(ROWS))

@@ -4,25 +4,8 @@ from __future__ import annotations
 
 import json
 
-from conftest import TINY_RECIPE, run_in_process
+from conftest import TINY_RECIPE, run_in_process, run_in_process_full
 from eval_fixtures import isolate_weights
-
-
-def plan_or_error(argv, capsys):
-    """(exit code, stdout, stderr) of `brics ARGV` in this process."""
-    from brics_cli.cli import main
-    import sys
-
-    import pytest
-
-    old, sys.argv = sys.argv, ["brics", *map(str, argv)]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def test_ae_train_names_the_missing_shards_and_weights_together_and_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -37,7 +20,7 @@ def test_ae_train_names_the_missing_shards_and_weights_together_and_writes_nothi
     assert "weight file vgg16-397923af.pth" in lines[2] and f"copy it to {hub}/" in lines[2]
     assert not (tmp_path / "run").exists()
 
-    code, out, _ = plan_or_error([*argv, "--dry-run", "--json"], capsys)  # the same list, next to the plan
+    code, out, _ = run_in_process_full([*argv, "--dry-run", "--json"], capsys)  # the same list, next to the plan
     plan = json.loads(out.splitlines()[-1])
     assert code == 2 and plan["dry_run"] and [m["what"].split(" (")[0] for m in plan["missing"]] == [
         "data.shards: shards/none", "weight file vgg16-397923af.pth"]
@@ -53,7 +36,7 @@ def test_a_run_folder_that_cannot_be_created_is_named_before_any_work(tmp_path, 
 
 def test_diffusion_train_names_the_missing_autoencoder_and_shards(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, out, _ = plan_or_error(["diffusion-train", TINY_RECIPE, "data.shards=shards/none", f"run.dir={tmp_path / 'runs'}",
+    code, out, _ = run_in_process_full(["diffusion-train", TINY_RECIPE, "data.shards=shards/none", f"run.dir={tmp_path / 'runs'}",
                                   "--dry-run", "--json"], capsys)
     plan = json.loads(out.splitlines()[-1])
     assert code == 2 and plan["ae_checkpoint"] is None
@@ -63,7 +46,7 @@ def test_diffusion_train_names_the_missing_autoencoder_and_shards(tmp_path, monk
 
 
 def test_a_complete_setup_plans_with_nothing_missing(tmp_path, tiny_shards, capsys):
-    code, out, err = plan_or_error(["ae-train", TINY_RECIPE, f"data.shards={tiny_shards}", "--out", tmp_path / "r",
+    code, out, err = run_in_process_full(["ae-train", TINY_RECIPE, f"data.shards={tiny_shards}", "--out", tmp_path / "r",
                                     "--dry-run", "--json"], capsys)
     assert code in (0, None), err
     assert json.loads(out.splitlines()[-1])["missing"] == []

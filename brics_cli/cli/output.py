@@ -32,7 +32,10 @@ def finish_plan(plan: dict, json_output: bool, width: int) -> None:
     """Print a `--dry-run` plan (JSON or text); exit 2 when a prerequisite is missing, as the real run would."""
     import typer
 
-    emit_json(plan) if json_output else print_plan(plan, width)
+    if json_output:
+        emit_json(plan)
+    else:
+        print_plan(plan, width)
     if plan.get("missing"):
         raise typer.Exit(2)
 
